@@ -1,0 +1,153 @@
+"""MemoryDriver: a dict in this process, with an optional LRU bound. Runs on any anyio
+backend (asyncio, trio)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import AsyncGenerator, Sequence
+
+from ..driver import Capabilities, Driver, Record, base_covers, depth_below, is_expired
+from ..errors import ConditionFailedError
+
+__all__ = ["MemoryDriver"]
+
+_versions = itertools.count(1)
+
+
+class MemoryDriver(Driver):
+    """Keeps every value in a dict of this process; nothing survives a restart.
+
+    Args:
+        max_entries: keep at most this many keys, evicting the least recently used
+            (read or written) first. None (default) means unbounded.
+
+    Expired keys are dropped when read, listed or swept (``storage.sweep()`` or the
+    storage's ``sweep_interval``). Operations never wait, so conditions are atomic by
+    construction. Listing copies the key references (8 bytes per key) so that writes
+    during iteration are safe.
+    """
+
+    name = "memory"
+    capabilities = Capabilities(batch=True, max_depth=True, conditions=True)
+
+    def __init__(self, *, max_entries: int | None = None) -> None:
+        if max_entries is not None and max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self._data: dict[str, Record] = {}
+        self._max_entries = max_entries
+
+    @classmethod
+    def from_url(cls, url: str) -> MemoryDriver:
+        """Build from ``memory://`` (optionally ``memory://?max_entries=1000``)."""
+        from urllib.parse import parse_qs, urlsplit
+
+        query = parse_qs(urlsplit(url).query)
+        max_entries = query.get("max_entries")
+        return cls(max_entries=int(max_entries[0]) if max_entries else None)
+
+    def __repr__(self) -> str:
+        bound = f"max_entries={self._max_entries}" if self._max_entries else ""
+        return f"MemoryDriver({bound})"
+
+    def _live(self, key: str) -> Record | None:
+        record = self._data.get(key)
+        if record is None:
+            return None
+        if record.expires_at is not None and record.expires_at <= time.time():
+            del self._data[key]
+            return None
+        if self._max_entries is not None:
+            self._data[key] = self._data.pop(key)  # most recently used goes last
+        return record
+
+    async def get(self, key: str) -> Record | None:
+        return self._live(key)
+
+    async def get_many(self, keys: Sequence[str]) -> list[Record | None]:
+        return [self._live(key) for key in keys]
+
+    async def set(
+        self,
+        key: str,
+        value: bytes,
+        *,
+        expires_at: float | None = None,
+        if_absent: bool = False,
+        if_match: str | None = None,
+    ) -> None:
+        if if_absent or if_match is not None:
+            current = self._live(key)
+            if if_absent and current is not None:
+                raise ConditionFailedError(f"key {key!r} already exists")
+            if if_match is not None and (current is None or current.etag != if_match):
+                raise ConditionFailedError(f"etag of {key!r} does not match")
+        self._store(key, value, expires_at)
+
+    def _store(self, key: str, value: bytes, expires_at: float | None) -> None:
+        data = self._data
+        if self._max_entries is not None:
+            data.pop(key, None)
+            while len(data) >= self._max_entries:
+                del data[next(iter(data))]
+        data[key] = Record(value, str(next(_versions)), time.time(), expires_at)
+
+    async def set_many(
+        self, items: Sequence[tuple[str, bytes]], *, expires_at: float | None = None
+    ) -> None:
+        for key, value in items:
+            self._store(key, value, expires_at)
+
+    async def remove(self, key: str) -> bool:
+        record = self._data.pop(key, None)
+        return record is not None and not is_expired(record.expires_at)
+
+    async def remove_many(self, keys: Sequence[str]) -> int:
+        now = time.time()
+        removed = 0
+        for key in keys:
+            record = self._data.pop(key, None)
+            if record is not None and not is_expired(record.expires_at, now):
+                removed += 1
+        return removed
+
+    async def scan(
+        self, base: str = "", *, max_depth: int | None = None
+    ) -> AsyncGenerator[str, None]:
+        now = time.time()
+        for key in list(self._data):
+            if not base_covers(base, key):
+                continue
+            if max_depth is not None and depth_below(base, key) > max_depth:
+                continue
+            record = self._data.get(key)
+            if record is not None and not is_expired(record.expires_at, now):
+                yield key
+
+    async def clear(self, base: str = "") -> None:
+        if not base:
+            self._data.clear()
+            return
+        for key in [key for key in self._data if base_covers(base, key)]:
+            del self._data[key]
+
+    async def touch(self, key: str, *, expires_at: float | None) -> bool:
+        record = self._live(key)
+        if record is None:
+            return False
+        self._data[key] = Record(record.value, record.etag, record.mtime, expires_at)
+        return True
+
+    async def sweep(self, base: str = "") -> int:
+        now = time.time()
+        expired = [
+            key
+            for key, record in self._data.items()
+            if is_expired(record.expires_at, now) and base_covers(base, key)
+        ]
+        for key in expired:
+            del self._data[key]
+        return len(expired)
+
+    async def dispose(self) -> None:
+        self._data.clear()

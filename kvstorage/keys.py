@@ -1,0 +1,60 @@
+"""Key rules: normalization and validation, done once in the core for every driver.
+
+A key is a string of segments joined by ``:``. ``/`` and ``\\`` are accepted as separators;
+runs of separators collapse; leading and trailing separators are dropped. ``?`` is an
+ordinary character. Rejected with :class:`~kvstorage.errors.InvalidKeyError`: a ``.`` or
+``..`` segment, control characters, more than 1024 UTF-8 bytes, and (for item operations)
+an empty key.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .errors import InvalidKeyError
+
+__all__ = ["MAX_KEY_BYTES", "join_keys", "normalize_base", "normalize_key"]
+
+MAX_KEY_BYTES = 1024
+
+# Keys that are already normal and valid (the common case) skip the slow path.
+_SIMPLE = re.compile(r"[A-Za-z0-9_\-@+=,]+(?::[A-Za-z0-9_\-@+=,]+)*")
+_SEPARATORS = re.compile(r"[:/\\]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def normalize_base(base: str) -> str:
+    """Normalize a base (for listing, clearing, mounting); ``""`` is the root."""
+    if not isinstance(base, str):
+        raise InvalidKeyError(f"key must be a str, not {type(base).__name__}")
+    if len(base) <= MAX_KEY_BYTES and _SIMPLE.fullmatch(base):
+        return base
+    key = _SEPARATORS.sub(":", base).strip(":")
+    if _CONTROL.search(key):
+        raise InvalidKeyError(f"key {base!r} contains a control character")
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidKeyError(f"key {base!r} is not valid Unicode (lone surrogate)") from None
+    if size > MAX_KEY_BYTES:
+        raise InvalidKeyError(f"key is longer than {MAX_KEY_BYTES} UTF-8 bytes")
+    if key and any(segment in (".", "..") for segment in key.split(":")):
+        raise InvalidKeyError(f"key {base!r} contains a '.' or '..' segment")
+    return key
+
+
+def normalize_key(key: str) -> str:
+    """Normalize an item key; an empty result is rejected.
+
+    >>> normalize_key("/users//42/")
+    'users:42'
+    """
+    normalized = normalize_base(key)
+    if not normalized:
+        raise InvalidKeyError(f"empty key {key!r}")
+    return normalized
+
+
+def join_keys(*parts: str) -> str:
+    """Join keys or bases into one normalized base (empty parts are skipped)."""
+    return normalize_base(":".join(part for part in parts if part))

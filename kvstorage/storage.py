@@ -1,0 +1,745 @@
+"""`Storage`: one async key-value API over any number of drivers mounted at key prefixes.
+
+Everything that can be done once for all drivers lives here: key rules, serialization,
+routing by mount, TTL arithmetic and read-side expiry, batching per mount, conditional-write
+emulation for drivers that cannot do it natively, watch events, and the background sweeper.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from types import TracebackType
+from typing import Any, Literal, NoReturn, Self, TypeAlias
+
+import anyio
+import anyio.abc
+
+from .driver import Driver, Record, base_covers, depth_below, is_expired
+from .errors import (
+    ConditionFailedError,
+    DriverError,
+    KVStorageError,
+    ReadOnlyError,
+    SerializationError,
+)
+from .keys import join_keys, normalize_base, normalize_key
+from .serializers import Serializer, get_serializer
+
+__all__ = ["Entry", "Meta", "Mount", "Storage", "WatchCallback", "create_storage"]
+
+logger = logging.getLogger("kvstorage")
+
+#: ``callback(event, key)`` with ``event`` ``"update"`` or ``"remove"`` and the full key.
+WatchCallback: TypeAlias = Callable[[Literal["update", "remove"], str], None]
+#: A time to live: seconds (int or float, > 0) or a ``timedelta``.
+TTL: TypeAlias = float | timedelta
+_BATCH = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Meta:
+    """What :meth:`Storage.get_meta` knows about a stored item."""
+
+    size: int
+    """Size of the stored bytes."""
+    etag: str
+    """Changes on every write; pass it to ``set_item(..., if_match=)``."""
+    mtime: datetime | None = None
+    """Last write (aware UTC) or None when the backend does not record it."""
+    expires_at: datetime | None = None
+    """When the item expires (aware UTC), or None."""
+    ttl: float | None = None
+    """Seconds left before expiry, or None."""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A value read together with its etag and metadata (:meth:`Storage.get_entry`)."""
+
+    value: Any
+    etag: str
+    meta: Meta
+
+
+@dataclass(frozen=True, slots=True)
+class Mount:
+    """A driver mounted at ``base`` (``""`` is the root)."""
+
+    base: str
+    driver: Driver
+    serializer: Serializer
+
+
+@dataclass(eq=False, slots=True)
+class _Mount:
+    base: str
+    prefix: str  # base + ":" ("" for the root): what full keys of this mount start with
+    driver: Driver
+    serializer: Serializer
+    stop_watch: Callable[[], Awaitable[None]] | None = None
+    lock: anyio.Lock | None = None  # for conditions on drivers that cannot do them
+
+    @property
+    def emits(self) -> bool:
+        """True when the core must report this mount's writes (no native watch running)."""
+        return self.stop_watch is None
+
+    def public(self) -> Mount:
+        return Mount(self.base, self.driver, self.serializer)
+
+
+@dataclass(eq=False, slots=True)
+class _State:
+    """What a storage and its `prefix_storage` views share."""
+
+    serializer: Serializer
+    mounts: dict[str, _Mount] = field(default_factory=dict)
+    routes: list[_Mount] = field(default_factory=list)  # longest base first, root last
+    watchers: list[tuple[WatchCallback, str]] = field(default_factory=list)
+    sweep_interval: float | None = None
+    task_group: anyio.abc.TaskGroup | None = None
+
+    def add(self, mount: _Mount) -> None:
+        self.mounts[mount.base] = mount
+        self.routes = sorted(self.mounts.values(), key=lambda m: len(m.base), reverse=True)
+
+    def emit(self, event: Literal["update", "remove"], full_key: str) -> None:
+        for callback, prefix in list(self.watchers):
+            if full_key.startswith(prefix):
+                try:
+                    callback(event, full_key[len(prefix) :])
+                except Exception:
+                    logger.exception("watch callback %r failed", callback)
+
+
+def _fail(mount: _Mount, exc: Exception) -> NoReturn:
+    """Re-raise a driver exception: ours as they are, anything else as DriverError."""
+    if isinstance(exc, KVStorageError):
+        raise exc
+    name = mount.driver.name
+    raise DriverError(f"{type(exc).__name__}: {exc}", driver=name) from exc
+
+
+def _expires_at(ttl: TTL | None) -> float | None:
+    if ttl is None:
+        return None
+    if isinstance(ttl, timedelta):
+        seconds = ttl.total_seconds()
+    elif isinstance(ttl, int | float) and not isinstance(ttl, bool):
+        seconds = float(ttl)
+    else:
+        raise TypeError(f"ttl must be seconds or a timedelta, not {type(ttl).__name__}")
+    if not seconds > 0 or not math.isfinite(seconds):
+        raise ValueError(f"ttl must be a finite number of seconds > 0, got {ttl!r}")
+    return time.time() + seconds
+
+
+def _utc(timestamp: float | None) -> datetime | None:
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC)
+
+
+def _meta(size: int, etag: str, mtime: float | None, expires_at: float | None) -> Meta:
+    ttl = None if expires_at is None else max(expires_at - time.time(), 0.0)
+    return Meta(size, etag, _utc(mtime), _utc(expires_at), ttl)
+
+
+def _as_bytes(data: Any) -> bytes:
+    if type(data) is bytes:
+        return data
+    if isinstance(data, bytes | bytearray | memoryview):
+        return bytes(data)
+    raise SerializationError(f"raw values must be bytes, not {type(data).__name__}")
+
+
+class Storage:
+    """An async key-value store routing each key to the driver mounted at its longest
+    matching base. Create one with :func:`create_storage`; close it with
+    :meth:`dispose` or ``async with storage:``.
+
+    Keys are normalized (see :mod:`kvstorage.keys`); values are serialized with the
+    mount's serializer (``json`` unless given).
+    """
+
+    _state: _State
+    _base: str  # the prefix_storage base of this view ("" for the storage itself)
+    _prefix: str  # _base + ":" or ""
+
+    def __init__(
+        self,
+        driver: Driver | str | None = None,
+        *,
+        serializer: str | Serializer = "json",
+        sweep_interval: float | None = None,
+    ) -> None:
+        """Create a storage with ``driver`` (a driver or URL; default memory) at the root.
+
+        ``sweep_interval`` (seconds) runs :meth:`sweep` in the background while the storage
+        is open as ``async with storage:``, for drivers that do not expire keys natively.
+        """
+        self._state = _State(get_serializer(serializer), sweep_interval=sweep_interval)
+        self._base = self._prefix = ""
+        self.mount("", driver if driver is not None else _memory_driver())
+
+    def _view(self, base: str) -> Storage:
+        view = object.__new__(Storage)
+        view._state = self._state
+        view._base = base
+        view._prefix = base + ":" if base else ""
+        return view
+
+    def __repr__(self) -> str:
+        mounts = ", ".join(f"{m.base or '/'}={m.driver!r}" for m in self._state.routes)
+        base = f" base={self._base!r}" if self._base else ""
+        return f"<Storage{base} {mounts}>"
+
+    # -- routing ------------------------------------------------------------------------
+
+    def _locate(self, key: str) -> tuple[str, _Mount, str]:
+        """(normalized key as the caller sees it, mount, driver-relative key)."""
+        nk = normalize_key(key)
+        full = self._prefix + nk if self._prefix else nk
+        for mount in self._state.routes:
+            if full.startswith(mount.prefix):
+                return nk, mount, full[len(mount.prefix) :]
+        raise AssertionError("the root mount always matches")  # pragma: no cover
+
+    def _plan(self, base: str) -> list[tuple[_Mount, str, tuple[str, ...], int]]:
+        """The mounts holding keys under ``base``: (mount, driver base, masked driver
+        prefixes, depth of the mount's keys below ``base``)."""
+        full = join_keys(self._base, normalize_base(base))
+        probe = full + ":"
+        plan = []
+        for mount in self._state.routes:
+            if probe.startswith(mount.prefix):
+                plan.append((mount, full[len(mount.prefix) :], 0))
+                break
+        for mount in reversed(self._state.routes):
+            if mount.base and base_covers(full, mount.base) and mount is not plan[0][0]:
+                plan.append((mount, "", depth_below(full, mount.base) + 1))
+        result = []
+        for mount, driver_base, offset in plan:
+            masks = tuple(
+                other.prefix[len(mount.prefix) :]
+                for other in self._state.routes
+                if other is not mount
+                and base_covers(mount.base, other.base)
+                and base_covers(driver_base, other.base[len(mount.prefix) :])
+            )
+            result.append((mount, driver_base, masks, offset))
+        return result
+
+    # -- single items -------------------------------------------------------------------
+
+    async def has_item(self, key: str) -> bool:
+        """True if ``key`` holds an unexpired value."""
+        _, mount, rel = self._locate(key)
+        try:
+            stat = await mount.driver.head(rel)
+        except Exception as exc:
+            _fail(mount, exc)
+        return stat is not None and not is_expired(stat.expires_at)
+
+    async def get_item(self, key: str, default: Any = None) -> Any:
+        """Return the value at ``key``, or ``default`` when it is missing or expired."""
+        _, mount, rel = self._locate(key)
+        try:
+            record = await mount.driver.get(rel)
+        except Exception as exc:
+            _fail(mount, exc)
+        if record is None or (record.expires_at is not None and record.expires_at <= time.time()):
+            return default
+        return mount.serializer.loads(record.value)
+
+    async def get_item_raw(self, key: str) -> bytes | None:
+        """Return the stored bytes at ``key`` unchanged, or None."""
+        _, mount, rel = self._locate(key)
+        record = await self._get_record(mount, rel)
+        return None if record is None else record.value
+
+    async def set_item(
+        self,
+        key: str,
+        value: Any,
+        *,
+        ttl: TTL | None = None,
+        if_absent: bool = False,
+        if_match: str | None = None,
+    ) -> None:
+        """Store ``value`` at ``key``.
+
+        Args:
+            ttl: seconds or ``timedelta`` until the item expires; without it, any previous
+                expiry is removed.
+            if_absent: write only if the key holds no value.
+            if_match: write only if the stored etag equals this one.
+
+        Raises:
+            SerializationError: the value cannot be serialized (nothing is written).
+            ConditionFailedError: a condition was false (nothing is written).
+        """
+        nk, mount, rel = self._locate(key)
+        data = mount.serializer.dumps(value)
+        await self._write(nk, mount, rel, data, _expires_at(ttl), if_absent, if_match)
+
+    async def set_item_raw(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        ttl: TTL | None = None,
+        if_absent: bool = False,
+        if_match: str | None = None,
+    ) -> None:
+        """Store ``data`` unchanged at ``key`` (same options as :meth:`set_item`)."""
+        nk, mount, rel = self._locate(key)
+        await self._write(nk, mount, rel, _as_bytes(data), _expires_at(ttl), if_absent, if_match)
+
+    async def remove_item(self, key: str) -> bool:
+        """Delete ``key``; return True if it held a value."""
+        nk, mount, rel = self._locate(key)
+        self._check_writable(mount)
+        try:
+            removed = await mount.driver.remove(rel)
+        except Exception as exc:
+            _fail(mount, exc)
+        if removed and self._state.watchers and mount.emits:
+            self._state.emit("remove", self._prefix + nk)
+        return removed
+
+    async def get_meta(self, key: str) -> Meta | None:
+        """Return size, etag, mtime and expiry of ``key``, or None if it is missing."""
+        _, mount, rel = self._locate(key)
+        try:
+            stat = await mount.driver.head(rel)
+        except Exception as exc:
+            _fail(mount, exc)
+        if stat is None or is_expired(stat.expires_at):
+            return None
+        return _meta(stat.size, stat.etag, stat.mtime, stat.expires_at)
+
+    async def get_entry(self, key: str) -> Entry | None:
+        """Read value, etag and metadata of ``key`` together (one driver read), or None."""
+        _, mount, rel = self._locate(key)
+        record = await self._get_record(mount, rel)
+        if record is None:
+            return None
+        meta = _meta(len(record.value), record.etag, record.mtime, record.expires_at)
+        return Entry(mount.serializer.loads(record.value), record.etag, meta)
+
+    async def update_item(
+        self,
+        key: str,
+        fn: Callable[[Any], Any],
+        *,
+        ttl: TTL | None = None,
+        retries: int = 100,
+    ) -> Any:
+        """Atomically replace the value at ``key`` with ``fn(old)`` and return it.
+
+        ``fn`` receives the current value (None when missing) and may be a coroutine
+        function. The write is conditional on the etag read, so a concurrent writer makes
+        it re-read and call ``fn`` again, up to ``retries`` times (then
+        :class:`ConditionFailedError`). Without ``ttl`` the item keeps its current expiry.
+        """
+        nk, mount, rel = self._locate(key)
+        for attempt in range(retries + 1):
+            record = await self._get_record(mount, rel)
+            old = None if record is None else mount.serializer.loads(record.value)
+            new = fn(old)
+            if inspect.isawaitable(new):
+                new = await new
+            data = mount.serializer.dumps(new)
+            if ttl is not None:
+                expires_at = _expires_at(ttl)
+            else:
+                expires_at = None if record is None else record.expires_at
+            try:
+                if record is None:
+                    await self._write(nk, mount, rel, data, expires_at, True, None)
+                else:
+                    await self._write(nk, mount, rel, data, expires_at, False, record.etag)
+            except ConditionFailedError:
+                if attempt == retries:
+                    raise
+                # Back off a little (randomized) so contending writers spread out.
+                await anyio.sleep(random.random() * min(0.0005 * 2**attempt, 0.02))
+                continue
+            return new
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def touch(self, key: str, *, ttl: TTL | None) -> bool:
+        """Set a new expiry on ``key`` (``None`` removes it) without rewriting the value
+        through the serializer; False if the key is missing."""
+        _, mount, rel = self._locate(key)
+        self._check_writable(mount)
+        try:
+            return await mount.driver.touch(rel, expires_at=_expires_at(ttl))
+        except Exception as exc:
+            _fail(mount, exc)
+
+    async def _get_record(self, mount: _Mount, rel: str) -> Record | None:
+        try:
+            record = await mount.driver.get(rel)
+        except Exception as exc:
+            _fail(mount, exc)
+        if record is None or is_expired(record.expires_at):
+            return None
+        return record
+
+    def _check_writable(self, mount: _Mount) -> None:
+        if mount.driver.read_only:
+            where = f"mount {mount.base!r}" if mount.base else "the root mount"
+            raise ReadOnlyError(f"{mount.driver.name} driver at {where} is read-only")
+
+    async def _write(
+        self,
+        nk: str,
+        mount: _Mount,
+        rel: str,
+        data: bytes,
+        expires_at: float | None,
+        if_absent: bool,
+        if_match: str | None,
+    ) -> None:
+        self._check_writable(mount)
+        if if_absent and if_match is not None:
+            raise ValueError("pass if_absent or if_match, not both")
+        driver = mount.driver
+        try:
+            if (if_absent or if_match is not None) and not driver.capabilities.conditions:
+                await self._emulated_conditional_set(mount, rel, data, expires_at, if_match)
+            else:
+                await driver.set(
+                    rel, data, expires_at=expires_at, if_absent=if_absent, if_match=if_match
+                )
+        except Exception as exc:
+            _fail(mount, exc)
+        if self._state.watchers and mount.emits:
+            self._state.emit("update", self._prefix + nk)
+
+    async def _emulated_conditional_set(
+        self, mount: _Mount, rel: str, data: bytes, expires_at: float | None, etag: str | None
+    ) -> None:
+        """Check-then-set under a per-mount lock: atomic within this process only."""
+        if mount.lock is None:
+            mount.lock = anyio.Lock()
+        async with mount.lock:
+            current = await mount.driver.get(rel)
+            if current is not None and is_expired(current.expires_at):
+                current = None
+            if etag is None and current is not None:
+                raise ConditionFailedError(f"key {rel!r} already exists")
+            if etag is not None and (current is None or current.etag != etag):
+                raise ConditionFailedError(f"etag of {rel!r} does not match")
+            await mount.driver.set(rel, data, expires_at=expires_at)
+
+    # -- batches ------------------------------------------------------------------------
+
+    def _group(self, keys: Iterable[str]) -> dict[_Mount, list[tuple[str, str]]]:
+        groups: dict[_Mount, list[tuple[str, str]]] = {}
+        for key in keys:
+            nk, mount, rel = self._locate(key)
+            groups.setdefault(mount, []).append((nk, rel))
+        return groups
+
+    async def get_items(self, keys: Iterable[str]) -> dict[str, Any]:
+        """Return ``{normalized key: value or None}`` in input order, one driver batch per
+        mount."""
+        keys = list(keys)
+        result: dict[str, Any] = dict.fromkeys(normalize_key(key) for key in keys)
+        for mount, pairs in self._group(keys).items():
+            loads = mount.serializer.loads
+            try:
+                records = await mount.driver.get_many([rel for _, rel in pairs])
+            except Exception as exc:
+                _fail(mount, exc)
+            now = time.time()
+            for (nk, _), record in zip(pairs, records, strict=True):
+                if record is not None and not is_expired(record.expires_at, now):
+                    result[nk] = loads(record.value)
+        return result
+
+    async def set_items(
+        self,
+        items: Mapping[str, Any] | Iterable[tuple[str, Any]],
+        *,
+        ttl: TTL | None = None,
+    ) -> None:
+        """Store many values, one driver batch per mount. Every value is serialized (and
+        every key checked) before anything is written."""
+        pairs = list(items.items() if isinstance(items, Mapping) else items)
+        expires_at = _expires_at(ttl)
+        groups: dict[_Mount, list[tuple[str, str, bytes]]] = {}
+        for key, value in pairs:
+            nk, mount, rel = self._locate(key)
+            self._check_writable(mount)
+            groups.setdefault(mount, []).append((nk, rel, mount.serializer.dumps(value)))
+        for mount, batch in groups.items():
+            try:
+                await mount.driver.set_many(
+                    [(rel, data) for _, rel, data in batch], expires_at=expires_at
+                )
+            except Exception as exc:
+                _fail(mount, exc)
+            if self._state.watchers and mount.emits:
+                for nk, _, _ in batch:
+                    self._state.emit("update", self._prefix + nk)
+
+    async def remove_items(self, keys: Iterable[str]) -> int:
+        """Delete many keys, one driver batch per mount; return how many existed."""
+        removed = 0
+        for mount, pairs in self._group(keys).items():
+            self._check_writable(mount)
+            try:
+                if self._state.watchers and mount.emits:
+                    for nk, rel in pairs:  # one by one, so each event is exact
+                        if await mount.driver.remove(rel):
+                            removed += 1
+                            self._state.emit("remove", self._prefix + nk)
+                else:
+                    removed += await mount.driver.remove_many([rel for _, rel in pairs])
+            except Exception as exc:
+                _fail(mount, exc)
+        return removed
+
+    # -- listing and clearing -----------------------------------------------------------
+
+    async def iter_keys(
+        self, base: str = "", *, max_depth: int | None = None
+    ) -> AsyncIterator[str]:
+        """Yield every key under ``base`` (full keys, relative to this view), streaming.
+
+        ``max_depth`` limits how many separators a key may have below ``base``: ``0``
+        yields only direct children.
+        """
+        strip = len(self._prefix)
+        for mount, driver_base, masks, offset in self._plan(base):
+            depth = None if max_depth is None else max_depth - offset
+            if depth is not None and depth < 0:
+                continue
+            filter_depth = depth is not None and not mount.driver.capabilities.max_depth
+            try:
+                async with aclosing(mount.driver.scan(driver_base, max_depth=depth)) as keys:
+                    async for rel in keys:
+                        if masks and rel.startswith(masks):
+                            continue
+                        if filter_depth and depth_below(driver_base, rel) > depth:  # type: ignore[operator]
+                            continue
+                        yield (mount.prefix + rel)[strip:]
+            except Exception as exc:
+                _fail(mount, exc)
+
+    async def get_keys(self, base: str = "", *, max_depth: int | None = None) -> list[str]:
+        """Return the keys :meth:`iter_keys` yields, as a list."""
+        return [key async for key in self.iter_keys(base, max_depth=max_depth)]
+
+    async def clear(self, base: str = "") -> None:
+        """Remove exactly the keys that :meth:`get_keys` lists under ``base``, on every
+        mount involved (also below a base that is not a mount)."""
+        plan = self._plan(base)
+        for mount, *_ in plan:
+            self._check_writable(mount)
+        for mount, driver_base, masks, _ in plan:
+            emit = bool(self._state.watchers) and mount.emits
+            try:
+                if not masks and not emit:
+                    await mount.driver.clear(driver_base)
+                    continue
+                batch: list[str] = []
+                async with aclosing(mount.driver.scan(driver_base)) as keys:
+                    async for rel in keys:
+                        if not (masks and rel.startswith(masks)):
+                            batch.append(rel)
+                for start in range(0, len(batch), _BATCH):
+                    chunk = batch[start : start + _BATCH]
+                    await mount.driver.remove_many(chunk)
+                    if emit:
+                        for rel in chunk:
+                            self._state.emit("remove", mount.prefix + rel)
+            except Exception as exc:
+                _fail(mount, exc)
+
+    async def sweep(self, base: str = "") -> int:
+        """Delete expired items under ``base`` on drivers that do not expire natively;
+        return how many were deleted."""
+        swept = 0
+        for mount, driver_base, _, _ in self._plan(base):
+            if mount.driver.capabilities.ttl or mount.driver.read_only:
+                continue
+            try:
+                swept += await mount.driver.sweep(driver_base)
+            except Exception as exc:
+                _fail(mount, exc)
+        return swept
+
+    # -- mounts -------------------------------------------------------------------------
+
+    def mount(
+        self, base: str, driver: Driver | str, *, serializer: str | Serializer | None = None
+    ) -> Self:
+        """Mount ``driver`` (or a driver URL) at ``base``; keys under ``base`` go to it.
+
+        The longest matching mount wins and hides the parent's keys under it. A base that
+        is already mounted raises ``ValueError``.
+        """
+        full = join_keys(self._base, normalize_base(base))
+        if full in self._state.mounts:
+            raise ValueError(f"a driver is already mounted at {full!r}; unmount it first")
+        if isinstance(driver, str):
+            from .drivers import from_url
+
+            driver = from_url(driver)
+        if not isinstance(driver, Driver):
+            raise TypeError(f"expected a Driver or a URL, got {type(driver).__name__}")
+        chosen = self._state.serializer if serializer is None else get_serializer(serializer)
+        self._state.add(_Mount(full, full + ":" if full else "", driver, chosen))
+        return self
+
+    async def unmount(self, base: str, *, dispose: bool = True) -> None:
+        """Remove the mount at ``base`` (disposing its driver unless ``dispose=False``)."""
+        full = join_keys(self._base, normalize_base(base))
+        if not full:
+            raise ValueError("the root mount cannot be unmounted")
+        mount = self._state.mounts.get(full)
+        if mount is None:
+            raise ValueError(f"nothing is mounted at {full!r}")
+        del self._state.mounts[full]
+        self._state.routes = [m for m in self._state.routes if m is not mount]
+        if mount.stop_watch is not None:
+            await mount.stop_watch()
+            mount.stop_watch = None
+        if dispose:
+            await mount.driver.dispose()
+
+    def get_mount(self, base: str = "") -> Mount:
+        """The mount responsible for keys under ``base``."""
+        probe = join_keys(self._base, normalize_base(base)) + ":"
+        for mount in self._state.routes:
+            if probe.startswith(mount.prefix):
+                return mount.public()
+        raise AssertionError("the root mount always matches")  # pragma: no cover
+
+    def get_mounts(self, base: str = "", *, parents: bool = False) -> list[Mount]:
+        """Mounts at or under ``base`` (and, with ``parents``, those above it), longest
+        base first."""
+        full = join_keys(self._base, normalize_base(base))
+        probe = full + ":"
+        return [
+            mount.public()
+            for mount in self._state.routes
+            if mount.base == full
+            or base_covers(full, mount.base)
+            or (parents and probe.startswith(mount.prefix))
+        ]
+
+    # -- watching -----------------------------------------------------------------------
+
+    async def watch(self, callback: WatchCallback) -> Callable[[], Awaitable[None]]:
+        """Call ``callback(event, key)`` after every change under this storage (or view):
+        ``"update"`` for writes, ``"remove"`` for deletes, clears and, where the driver
+        reports it, expiry. Returns an async ``unwatch()``.
+
+        The callback runs synchronously inside the writing call; schedule your own task
+        for slow work. Drivers with native watching (``capabilities.watch``) report
+        changes made by other processes too; drivers mounted after ``watch()`` report
+        only changes made through this storage until the next ``watch()`` call.
+        """
+        state = self._state
+        entry = (callback, self._prefix)
+        state.watchers.append(entry)
+        for mount in state.routes:
+            if mount.driver.capabilities.watch and mount.stop_watch is None:
+
+                def forward(
+                    event: Literal["update", "remove"], rel: str, m: _Mount = mount
+                ) -> None:
+                    state.emit(event, m.prefix + rel)
+
+                mount.stop_watch = await mount.driver.watch(forward)
+
+        async def unwatch() -> None:
+            if entry in state.watchers:
+                state.watchers.remove(entry)
+            if not state.watchers:
+                await self._stop_watchers()
+
+        return unwatch
+
+    async def unwatch(self) -> None:
+        """Remove every watch callback and stop the drivers' watchers."""
+        self._state.watchers.clear()
+        await self._stop_watchers()
+
+    async def _stop_watchers(self) -> None:
+        for mount in self._state.routes:
+            if mount.stop_watch is not None:
+                stop, mount.stop_watch = mount.stop_watch, None
+                await stop()
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def dispose(self) -> None:
+        """Stop watchers and the sweeper, and close every driver (views share them)."""
+        await self.unwatch()
+        seen: set[int] = set()
+        for mount in self._state.routes:
+            if id(mount.driver) not in seen:
+                seen.add(id(mount.driver))
+                await mount.driver.dispose()
+
+    async def __aenter__(self) -> Self:
+        interval = self._state.sweep_interval
+        if interval is not None and self._state.task_group is None:
+            group = anyio.create_task_group()
+            await group.__aenter__()
+            group.start_soon(self._sweep_forever, interval)
+            self._state.task_group = group
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        group, self._state.task_group = self._state.task_group, None
+        if group is not None:
+            group.cancel_scope.cancel()
+            await group.__aexit__(None, None, None)
+        await self.dispose()
+
+    async def _sweep_forever(self, interval: float) -> None:
+        while True:
+            await anyio.sleep(interval)
+            try:
+                swept = await self.sweep()
+            except KVStorageError:
+                logger.exception("background sweep failed")
+            else:
+                if swept:
+                    logger.debug("swept %d expired items", swept)
+
+
+def _memory_driver() -> Driver:
+    from .drivers.memory import MemoryDriver
+
+    return MemoryDriver()
+
+
+def create_storage(
+    driver: Driver | str | None = None,
+    *,
+    serializer: str | Serializer = "json",
+    sweep_interval: float | None = None,
+) -> Storage:
+    """Create a :class:`Storage` with ``driver`` (a driver or a URL such as
+    ``"sqlite:///app.db"``; default: memory) mounted at the root."""
+    return Storage(driver, serializer=serializer, sweep_interval=sweep_interval)

@@ -1,0 +1,46 @@
+"""Driver factories for the shared conformance suite.
+
+Adding a driver to the suite is one module here plus one line in ``BACKENDS``: the module
+defines a pytest fixture (named in the spec) that returns a :data:`DriverFactory`, a
+function producing a new, empty, isolated driver each time it is called (a new base,
+table, prefix or directory), and disposes what it made when the test ends.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+
+from kvstorage import Driver
+
+DriverFactory = Callable[[], Driver]
+
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """One driver in the conformance matrix."""
+
+    name: str
+    fixture: str
+    anyio_backends: tuple[str, ...] = ("asyncio",)
+    #: True when the driver keeps data across processes (enables two-process tests).
+    shared: bool = False
+
+
+BACKENDS: list[BackendSpec] = [
+    BackendSpec("memory", "memory_driver_factory", ("asyncio", "trio")),
+]
+
+
+def require_service(available: bool, what: str) -> None:
+    """Skip a test whose service is missing -- but fail in CI, where it must exist."""
+    if available:
+        return
+    if IN_CI:
+        pytest.fail(f"{what} is required in CI but is not available")
+    pytest.skip(f"{what} is not available")

@@ -1,0 +1,61 @@
+"""Shared fixtures: the driver matrix of the conformance suite.
+
+A test that takes ``storage`` or ``make_driver`` runs once per (driver, anyio backend) pair
+listed in ``tests.backends.BACKENDS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from kvstorage import Storage, create_storage
+
+from .backends import BACKENDS, BackendSpec, DriverFactory
+
+pytest_plugins = [f"tests.backends.{spec.name}" for spec in BACKENDS]
+
+_CASES = [(spec, backend) for spec in BACKENDS for backend in spec.anyio_backends]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "driver_case" in metafunc.fixturenames:
+        metafunc.parametrize(
+            "driver_case",
+            _CASES,
+            ids=[f"{spec.name}-{backend}" for spec, backend in _CASES],
+            indirect=True,
+        )
+
+
+@pytest.fixture
+def driver_case(request: pytest.FixtureRequest) -> tuple[BackendSpec, str]:
+    case: tuple[BackendSpec, str] = request.param
+    return case
+
+
+@pytest.fixture
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    if "driver_case" in request.fixturenames:
+        backend: str = request.getfixturevalue("driver_case")[1]
+        return backend
+    return "asyncio"
+
+
+@pytest.fixture
+def backend_spec(driver_case: tuple[BackendSpec, str]) -> BackendSpec:
+    return driver_case[0]
+
+
+@pytest.fixture
+def make_driver(request: pytest.FixtureRequest, backend_spec: BackendSpec) -> DriverFactory:
+    factory: DriverFactory = request.getfixturevalue(backend_spec.fixture)
+    return factory
+
+
+@pytest.fixture
+async def storage(make_driver: DriverFactory) -> AsyncIterator[Storage]:
+    store = create_storage(make_driver())
+    yield store
+    await store.dispose()
