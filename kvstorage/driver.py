@@ -42,7 +42,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from .errors import ConditionFailedError
+from .errors import ConditionFailedError, DriverError
 
 __all__ = [
     "Capabilities",
@@ -54,6 +54,7 @@ __all__ = [
     "depth_below",
     "is_expired",
     "key_range",
+    "require_asyncio",
 ]
 
 #: The callback a watching driver reports changes to: ``emit("update" | "remove", key)``.
@@ -218,6 +219,22 @@ class Driver(ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__}>"
+
+
+def require_asyncio(driver_name: str) -> None:
+    """Raise a clear :class:`DriverError` when called outside asyncio (for drivers whose
+    client library runs only on asyncio). Call it where the driver first connects."""
+    import sniffio
+
+    try:
+        library = sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        library = "no event loop"
+    if library != "asyncio":
+        raise DriverError(
+            f"the {driver_name} driver runs only on asyncio, not on {library}",
+            driver=driver_name,
+        )
 
 
 def is_expired(expires_at: float | None, now: float | None = None) -> bool:
