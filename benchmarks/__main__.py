@@ -27,13 +27,14 @@ from rich.table import Table
 
 from kvstorage import Storage, create_storage
 
-from . import targets
+from . import targets, unstorage
 from .servers import moto_server, redis_server
 from .targets import Target
 from .workload import OPERATIONS, Row, run_scaling, run_workload
 
 LOCAL = ["memory", "fs", "sqlite"]
 ALL = [*LOCAL, "redis", "s3"]
+NODE_PEERS = {"memory", "fs", "redis"}
 console = Console(stderr=True)
 
 
@@ -112,7 +113,13 @@ def scaling_sizes(name: str, quick: bool) -> list[int]:
 
 
 async def bench_driver(
-    name: str, ctx: Context, n: int, quick: bool, scaling: bool, progress: Progress
+    name: str,
+    ctx: Context,
+    n: int,
+    quick: bool,
+    scaling: bool,
+    skip_node: bool,
+    progress: Progress,
 ) -> list[Row]:
     """Run the workload for one driver on ours, the raw client and the peers."""
     try:
@@ -136,6 +143,12 @@ async def bench_driver(
         finally:
             if target.kind != "ours":
                 await target.close()
+    if name in NODE_PEERS and not skip_node:
+        where = {"fs": str(ctx.path("unstorage-fs")), "redis": ctx.redis_url or ""}.get(name, "")
+        node_rows, problem = await unstorage.run(name, count, where)
+        if problem:
+            console.print(f"[yellow]unstorage peer skipped: {problem}[/yellow]")
+        rows += node_rows
     for size in sizes:
         rows += await run_scaling(name, storage, size, lambda: progress.advance(task))
     await storage.dispose()
@@ -250,12 +263,13 @@ async def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-n", type=int, default=None, help="keys per operation (default 10000)")
     parser.add_argument("--quick", action="store_true", help="small run (under 30 s)")
     parser.add_argument("--no-scaling", action="store_true", help="skip the listing scaling run")
+    parser.add_argument("--no-node", action="store_true", help="skip unstorage under Node.js")
     parser.add_argument("--no-sessions", action="store_true", help="skip the sessions benchmark")
     parser.add_argument("--json", metavar="PATH", help="write the raw figures as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG bar chart")
     args = parser.parse_args(argv)
     names = ALL if args.drivers == "all" else [d.strip() for d in args.drivers.split(",") if d]
-    n = args.n or (500 if args.quick else 10_000)
+    n = args.n or (2_000 if args.quick else 10_000)
     console.print(f"[bold]kvstorage benchmarks[/bold] N={n} on {machine()}")
     rows: list[Row] = []
     with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
@@ -267,7 +281,9 @@ async def main(argv: list[str] | None = None) -> int:
         )
         with progress:
             for name in names:
-                rows += await bench_driver(name, ctx, n, args.quick, not args.no_scaling, progress)
+                rows += await bench_driver(
+                    name, ctx, n, args.quick, not args.no_scaling, args.no_node, progress
+                )
         if not args.no_sessions:
             rows += await bench_sessions(args.quick, redis_url)
     render(rows)
