@@ -151,6 +151,11 @@ def _meta(size: int, etag: str, mtime: float | None, expires_at: float | None) -
     return Meta(size, etag, _utc(mtime), _utc(expires_at), ttl)
 
 
+def _entry(value: Any, record: Record) -> Entry:
+    meta = _meta(len(record.value), record.etag, record.mtime, record.expires_at)
+    return Entry(value, record.etag, meta)
+
+
 def _as_bytes(data: Any) -> bytes:
     if type(data) is bytes:
         return data
@@ -331,8 +336,14 @@ class Storage:
         record = await self._get_record(mount, rel)
         if record is None:
             return None
-        meta = _meta(len(record.value), record.etag, record.mtime, record.expires_at)
-        return Entry(mount.serializer.loads(record.value), record.etag, meta)
+        return _entry(mount.serializer.loads(record.value), record)
+
+    async def get_entry_raw(self, key: str) -> Entry | None:
+        """Like :meth:`get_entry`, with the stored bytes unchanged as ``value`` (for callers
+        that serialize themselves, such as ``sessions``)."""
+        _, mount, rel = self._locate(key)
+        record = await self._get_record(mount, rel)
+        return None if record is None else _entry(record.value, record)
 
     async def update_item(
         self,

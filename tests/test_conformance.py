@@ -375,6 +375,10 @@ async def test_meta_and_entry(storage: Storage) -> None:
     assert meta.ttl is None and meta.expires_at is None
     assert await storage.get_meta("nope") is None
     assert await storage.get_entry("nope") is None
+    raw = await storage.get_entry_raw("m")
+    assert raw is not None and raw.etag == entry.etag
+    assert raw.value == await storage.get_item_raw("m")
+    assert await storage.get_entry_raw("nope") is None
 
 
 async def test_etag_changes_on_every_write(storage: Storage) -> None:
