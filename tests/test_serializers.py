@@ -15,20 +15,10 @@ from hypothesis import strategies as st
 
 from kvstorage import JSONSerializer, SerializationError, TaggedSerializer, get_serializer
 
+from .helpers import json_values
+
 json_ser = JSONSerializer()
 tagged = TaggedSerializer()
-
-json_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(),
-    lambda children: (
-        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5)
-    ),
-    max_leaves=25,
-)
 
 
 @given(json_values)
