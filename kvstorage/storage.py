@@ -211,7 +211,10 @@ class Storage:
         """(normalized key as the caller sees it, mount, driver-relative key)."""
         nk = normalize_key(key)
         full = self._prefix + nk if self._prefix else nk
-        for mount in self._state.routes:
+        routes = self._state.routes
+        if len(routes) == 1:  # no mounts: the root takes every key
+            return nk, routes[0], full
+        for mount in routes:
             if full.startswith(mount.prefix):
                 return nk, mount, full[len(mount.prefix) :]
         raise AssertionError("the root mount always matches")  # pragma: no cover
@@ -292,7 +295,8 @@ class Storage:
         """
         nk, mount, rel = self._locate(key)
         data = mount.serializer.dumps(value)
-        await self._write(nk, mount, rel, data, _expires_at(ttl), if_absent, if_match)
+        expires_at = None if ttl is None else _expires_at(ttl)
+        await self._write(nk, mount, rel, data, expires_at, if_absent, if_match)
 
     async def set_item_raw(
         self,
