@@ -160,7 +160,24 @@ async def test_temp_files_are_never_listed_and_stale_ones_are_swept(
     await anyio.sleep(0.1)  # let "e" expire; nothing to wait on
     assert await storage.sweep() == 1
     assert not stale.exists() and fresh.exists()
-    assert _tree(base) == ["d:", "d:/:tmp:fresh", "d:/k"]
+    assert _tree(base) == [":ttl", "d:", "d:/:tmp:fresh", "d:/k"]  # :ttl marks TTL files
+
+
+async def test_ttl_markers_do_not_keep_directories_alive(storage: Storage, base: Path) -> None:
+    await storage.set_item("s:a", 1, ttl=60)
+    await storage.set_item("s:b", 1, ttl=0.05)
+    await storage.set_item("p:x", 1)
+    assert _tree(base) == ["p:", "p:/x", "s:", "s:/:ttl", "s:/a", "s:/b"]
+    await anyio.sleep(0.1)  # let "s:b" expire; nothing to wait on
+    assert sorted(await storage.get_keys()) == ["p:x", "s:a"]
+    assert await storage.sweep() == 1
+    assert await storage.remove_item("s:a")
+    assert _tree(base) == ["p:", "p:/x", "s:", "s:/:ttl"]  # remove only drops empty dirs
+    await storage.sweep()
+    assert _tree(base) == ["p:", "p:/x"]
+    await storage.set_item("q:r:s", 1, ttl=60)
+    await storage.clear("q")
+    assert _tree(base) == ["p:", "p:/x"]
 
 
 async def test_ttl_survives_a_new_driver_instance(base: Path) -> None:
@@ -367,7 +384,7 @@ def test_a_killed_writer_never_leaves_a_torn_value(base: Path) -> None:
         assert anyio.run(_keys, reader) == ["k"]  # leftover temp files are not keys
     reader.stale_temp_after = 0.0
     anyio.run(reader.sweep)
-    assert sorted(p.name for p in base.iterdir()) == [":locks", "k"]
+    assert sorted(p.name for p in base.iterdir()) == [":locks", ":ttl", "k"]
     anyio.run(reader.dispose)
 
 

@@ -61,6 +61,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
+import itertools
 import math
 import os
 import re
@@ -87,6 +89,7 @@ _MAGIC = b"\x00kvs\xffttl"
 _HEADER = struct.Struct("<8sd")
 _NAME_LIMIT = 240  # bytes of a segment stored as one name (NAME_MAX is 255)
 _TEMP = ":tmp:"
+_TTL_MARK = ":ttl"  # in a directory that may hold files with a TTL header
 _LOCKS = ":locks"
 _STRIPES = 64
 _CHUNK = 512  # keys per worker-thread hop when listing
@@ -94,6 +97,7 @@ _CHUNK = 512  # keys per worker-thread hop when listing
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # no FIFO hangs
 _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_MARK_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 _LINK_ERRORS = (errno.ELOOP, errno.ENOTDIR)
 _FOREIGN = re.compile(r"[\x00-\x1f\x7f-\x9f\\]")  # names no key segment can have
 
@@ -129,12 +133,13 @@ def _components(key: str) -> list[str]:
     return parts
 
 
-def _file_path(key: str) -> tuple[list[str], str]:
-    """(directory components, file name) of a key."""
+@functools.lru_cache(maxsize=4096)
+def _file_path(key: str) -> tuple[tuple[str, ...], str]:
+    """(directory components, file name) of a key (cached: this is on every hot path)."""
     parts = _components(key)
     if not parts:
         raise InvalidKeyError("empty key")
-    return parts[:-1], parts[-1][:-1]
+    return tuple(parts[:-1]), parts[-1][:-1]
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -173,15 +178,55 @@ class _Dirs:
             os.close(fd)
         del self.fds[1:]
 
-    def prune(self) -> None:
-        """Remove the directories of this chain that are empty, deepest first."""
+    def prune(self, marked: bool = False) -> None:
+        """Remove the directories of this chain that are empty, deepest first; with
+        ``marked`` also those holding nothing but a TTL marker."""
         while len(self.fds) > 1:
             os.close(self.fds.pop())
-            try:
-                os.rmdir(self.names.pop(), dir_fd=self.fds[-1])
-            except OSError:
+            if not _remove_dir(self.fds[-1], self.names.pop(), marked):
                 break
         self.close()
+
+
+def _remove_dir(parent_fd: int, name: str, marked: bool) -> bool:
+    """Remove the directory ``name`` if it is empty (or, with ``marked``, holds only the
+    TTL marker); True if it was removed."""
+    try:
+        os.rmdir(name, dir_fd=parent_fd)
+        return True
+    except OSError as exc:
+        if not marked or exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            return False
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    except OSError:
+        return False
+    try:
+        with os.scandir(fd) as entries:
+            if [entry.name for entry in itertools.islice(entries, 2)] != [_TTL_MARK]:
+                return False
+        os.unlink(_TTL_MARK, dir_fd=fd)
+        try:
+            os.rmdir(name, dir_fd=parent_fd)
+            return True
+        except OSError:  # a writer came in meanwhile: its file may need the marker
+            _mark(fd)
+            return False
+    finally:
+        os.close(fd)
+
+
+def _marked(dir_fd: int) -> bool:
+    try:
+        os.stat(_TTL_MARK, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _mark(dir_fd: int) -> None:
+    """Make sure the directory has a TTL marker (before a file with a TTL lands in it)."""
+    os.close(os.open(_TTL_MARK, _MARK_FLAGS, 0o666, dir_fd=dir_fd))
 
 
 class FSDriver(Driver):
@@ -413,7 +458,7 @@ class FSDriver(Driver):
                 dirs = self._open_dirs(parts, create=True)
                 assert dirs is not None
                 try:
-                    self._replace(dirs.fd, name, header, value)
+                    self._replace(dirs.fd, name, header, value, expires_at is not None)
                 finally:
                     dirs.close()
             except _Retry:
@@ -421,7 +466,7 @@ class FSDriver(Driver):
             return
         raise DriverError(f"directory of {key!r} keeps disappearing", driver=self.name)
 
-    def _replace(self, dir_fd: int, name: str, header: bytes, value: bytes) -> None:
+    def _replace(self, dir_fd: int, name: str, header: bytes, value: bytes, expiring: bool) -> None:
         temp = _TEMP + secrets.token_hex(8)
         try:
             fd = os.open(temp, _TEMP_FLAGS, 0o666, dir_fd=dir_fd)
@@ -437,6 +482,8 @@ class FSDriver(Driver):
                     os.fsync(fd)
             finally:
                 os.close(fd)
+            if expiring:
+                _mark(dir_fd)
             os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -500,9 +547,8 @@ class FSDriver(Driver):
 
     # -- removing -----------------------------------------------------------------------
 
-    def _unlink(self, dirs: _Dirs, name: str, only_expired: bool = False) -> bool:
-        """Delete a value file (the caller holds its lock); True if it was live, or with
-        ``only_expired`` True if it was expired and deleted."""
+    def _unlink(self, dirs: _Dirs, name: str) -> bool:
+        """Delete a value file (the caller holds its lock); True if it was live."""
         fd = self._open_file(dirs, name)
         if fd is None:
             return False
@@ -510,14 +556,11 @@ class FSDriver(Driver):
             expires_at = _parse_header(os.read(fd, _HEADER.size))[1]
         finally:
             os.close(fd)
-        expired = is_expired(expires_at)
-        if only_expired and not expired:
-            return False
         try:
             os.unlink(name, dir_fd=dirs.fd)
         except FileNotFoundError:
             return False
-        return expired if only_expired else not expired
+        return not is_expired(expires_at)
 
     def _remove_many(self, keys: Sequence[str]) -> int:
         removed = 0
@@ -545,20 +588,21 @@ class FSDriver(Driver):
 
     def _walk(
         self, base: str, max_depth: int | None, prune: bool
-    ) -> Generator[tuple[_Dirs, str, str], None, None]:
-        """Yield ``(dirs, file name, key)`` for every value file under ``base``, depth first,
-        with ``dirs`` open at the file's directory. With ``prune``, remove stale temp files
-        and directories left empty."""
+    ) -> Generator[tuple[_Dirs, str, str, bool], None, None]:
+        """Yield ``(dirs, file name, key, may expire)`` for every value file under ``base``,
+        depth first, with ``dirs`` open at the file's directory; ``may expire`` is false in
+        directories without a TTL marker. With ``prune``, remove stale temp files and
+        directories left empty."""
         parts = _components(base)
         root = self._open_dirs(parts, create=False)
         if root is None:
             return
         stale = time.time() - self.stale_temp_after
-        # One frame per open directory: (scandir iterator, key prefix, depth of its files).
-        stack = [(os.scandir(root.fd), base + ":" if base else "", 0)]
+        # One frame per open directory: (entries, key prefix, depth of its files, marked).
+        stack = [(os.scandir(root.fd), base + ":" if base else "", 0, _marked(root.fd))]
         try:
             while stack:
-                entries, prefix, depth = stack[-1]
+                entries, prefix, depth, marked = stack[-1]
                 entry = next(entries, None)
                 if entry is None:
                     entries.close()
@@ -567,8 +611,7 @@ class FSDriver(Driver):
                         name = root.names.pop()
                         os.close(root.fds.pop())
                         if prune:
-                            with contextlib.suppress(OSError):  # not empty
-                                os.rmdir(name, dir_fd=root.fd)
+                            _remove_dir(root.fd, name, marked)
                     continue
                 name = entry.name
                 if name[0] == ":":
@@ -596,14 +639,14 @@ class FSDriver(Driver):
                         continue  # removed meanwhile
                     root.fds.append(fd)
                     root.names.append(name)
-                    stack.append((os.scandir(fd), child_prefix, child_depth))
+                    stack.append((os.scandir(fd), child_prefix, child_depth, _marked(fd)))
                 elif ":" not in name and entry.is_file(follow_symlinks=False):
-                    yield root, name, prefix + name
+                    yield root, name, prefix + name, marked
         finally:
-            for entries, _, _ in stack:
+            for entries, *_ in stack:
                 entries.close()
             if prune and root.names:
-                root.prune()
+                root.prune(marked=True)
             root.close()
 
     def _live(self, dirs: _Dirs, name: str) -> bool:
@@ -622,8 +665,8 @@ class FSDriver(Driver):
 
         def chunk() -> list[str]:
             keys = []
-            for dirs, name, key in walk:
-                if self._live(dirs, name):
+            for dirs, name, key, may_expire in walk:
+                if not may_expire or self._live(dirs, name):
                     keys.append(key)
                     if len(keys) >= _CHUNK:
                         break
@@ -638,9 +681,15 @@ class FSDriver(Driver):
 
     def _clear(self, base: str, only_expired: bool) -> int:
         removed = 0
-        for dirs, name, key in self._walk(base, None, prune=True):
+        for dirs, name, key, may_expire in self._walk(base, None, prune=True):
+            if only_expired and not may_expire:
+                continue
             with self._lock([key]):
-                removed += self._unlink(dirs, name, only_expired)
+                if only_expired and self._live(dirs, name):
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=dirs.fd)
+                    removed += 1
         return removed
 
     async def clear(self, base: str = "") -> None:
