@@ -15,7 +15,9 @@ with ``/`` inserted), a value file carries the bare segment name. Segments never
 ``a:b`` both exist (unstorage fails there with ``ENOTDIR``). A segment longer than 240
 UTF-8 bytes (file names are limited to 255) is split into pieces stored as nested
 directories named ``<piece>::``; listing joins them back. Names that *start* with ``:`` are
-the driver's own (temp files, the ``:locks`` directory) and are never listed.
+the driver's own (temp files, TTL markers, the ``:locks`` directory) and are never listed.
+``remove`` deletes directories it leaves empty; ``clear`` and ``sweep`` also delete
+directories holding nothing but a TTL marker.
 
 Values, expiry and etags
 ------------------------
@@ -25,6 +27,11 @@ folder. A value written with a TTL starts with a 16-byte header (8 magic bytes
 the value, survives restarts and is seen by other processes. A value written without TTL
 that happens to start with the magic bytes also gets a header (with "no expiry"), so
 every value reads back exactly.
+
+Listing must skip expired keys without opening every file: a directory that may hold
+files with a TTL header contains an empty marker file ``:ttl`` (created before such a file
+is moved in, removed only with the directory). Listing and sweeping read headers only in
+marked directories; directories of plain values are listed from ``scandir`` alone.
 
 The etag is ``<inode>-<mtime ns>-<size>``. Every write creates a new file (a new inode) and
 sets its mtime to ``time.time_ns()``, so the etag changes on every write even when the
@@ -61,6 +68,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import functools
 import itertools
 import math
@@ -72,7 +80,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import AsyncGenerator, Callable, Generator, Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Iterator, Sequence
 from typing import TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -354,10 +362,17 @@ class FSDriver(Driver):
                 raise self._refuse_link(dirs, name, exc) from exc
             raise
 
-    def _lock(self, keys: Sequence[str]) -> _Locked:
-        """Exclusive in-process and cross-process locks for writing ``keys``."""
-        stripes = sorted({zlib.crc32(key.encode()) % _STRIPES for key in keys})
-        return _Locked(self, stripes)
+    @contextlib.contextmanager
+    def _lock(self, key: str) -> Iterator[None]:
+        """Hold the in-process and the cross-process lock for writing ``key``."""
+        stripe = zlib.crc32(key.encode()) % _STRIPES
+        with self._stripes[stripe]:
+            fd = self._lock_fd(stripe)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
 
     def _lock_fd(self, stripe: int) -> int:
         fd = self._lock_fds.get(stripe)
@@ -500,7 +515,7 @@ class FSDriver(Driver):
         if_absent: bool,
         if_match: str | None,
     ) -> None:
-        with self._lock([key]):
+        with self._lock(key):
             if if_absent or if_match is not None:
                 etag = self._current_etag(key)
                 if if_absent and etag is not None:
@@ -510,12 +525,12 @@ class FSDriver(Driver):
             self._store(key, value, expires_at)
 
     def _set_many(self, items: Sequence[tuple[str, bytes]], expires_at: float | None) -> None:
-        with self._lock([key for key, _ in items]):
-            for key, value in items:
+        for key, value in items:  # key by key: a long batch does not stall other writers
+            with self._lock(key):
                 self._store(key, value, expires_at)
 
     def _touch(self, key: str, expires_at: float | None) -> bool:
-        with self._lock([key]):
+        with self._lock(key):
             record = self._get(key)
             if record is None or is_expired(record.expires_at):
                 return False
@@ -566,7 +581,7 @@ class FSDriver(Driver):
         removed = 0
         for key in keys:
             parts, name = _file_path(key)
-            with self._lock([key]):
+            with self._lock(key):
                 dirs = self._open_dirs(parts, create=False)
                 if dirs is None:
                     continue
@@ -684,7 +699,7 @@ class FSDriver(Driver):
         for dirs, name, key, may_expire in self._walk(base, None, prune=True):
             if only_expired and not may_expire:
                 continue
-            with self._lock([key]):
+            with self._lock(key):
                 if only_expired and self._live(dirs, name):
                     continue
                 with contextlib.suppress(FileNotFoundError):
@@ -713,38 +728,3 @@ class FSDriver(Driver):
 
 class _Retry(Exception):
     """A directory disappeared under a write (a concurrent clear): start over."""
-
-
-class _Locked:
-    """Holds the stripe locks of a write: a threading lock and an ``flock`` each."""
-
-    __slots__ = ("_driver", "_stripes")
-
-    def __init__(self, driver: FSDriver, stripes: list[int]) -> None:
-        self._driver = driver
-        self._stripes = stripes
-
-    def __enter__(self) -> None:
-        import fcntl
-
-        taken: list[int] = []
-        try:
-            for stripe in self._stripes:
-                self._driver._stripes[stripe].acquire()
-                taken.append(stripe)
-                fcntl.flock(self._driver._lock_fd(stripe), fcntl.LOCK_EX)
-        except BaseException:
-            self._release(taken)
-            raise
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._release(self._stripes)
-
-    def _release(self, stripes: list[int]) -> None:
-        import fcntl
-
-        for stripe in reversed(stripes):
-            fd = self._driver._lock_fds.get(stripe)
-            if fd is not None:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            self._driver._stripes[stripe].release()
