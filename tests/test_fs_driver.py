@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
@@ -131,6 +132,15 @@ async def test_clear_and_remove_delete_empty_directories(storage: Storage, base:
     await storage.set_item("w:deep:er:key", 5)
     await storage.clear()
     assert _tree(base) == []
+
+
+async def test_base_directory_deleted_while_in_use(storage: Storage, base: Path) -> None:
+    await storage.set_item("a:b", 1)
+    shutil.rmtree(base)
+    assert await storage.get_item("a:b") is None
+    await storage.set_item("a:b", 2, if_absent=True)
+    assert (base / "a:" / "b").read_bytes() == b"2"
+    assert await storage.get_keys() == ["a:b"]
 
 
 async def test_foreign_files_are_not_listed(storage: Storage, base: Path) -> None:

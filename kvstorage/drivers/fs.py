@@ -105,7 +105,7 @@ _CHUNK = 512  # keys per worker-thread hop when listing
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # no FIFO hangs
 _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_MARK_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+_TOUCH_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 _LINK_ERRORS = (errno.ELOOP, errno.ENOTDIR)
 _FOREIGN = re.compile(r"[\x00-\x1f\x7f-\x9f\\]")  # names no key segment can have
 
@@ -234,7 +234,7 @@ def _marked(dir_fd: int) -> bool:
 
 def _mark(dir_fd: int) -> None:
     """Make sure the directory has a TTL marker (before a file with a TTL lands in it)."""
-    os.close(os.open(_TTL_MARK, _MARK_FLAGS, 0o666, dir_fd=dir_fd))
+    os.close(os.open(_TTL_MARK, _TOUCH_FLAGS, 0o666, dir_fd=dir_fd))
 
 
 class FSDriver(Driver):
@@ -264,6 +264,7 @@ class FSDriver(Driver):
         self.fsync = fsync
         self._guard = threading.Lock()
         self._base_fd: int | None = None
+        self._old_fds: list[int] = []  # closed on dispose (threads may still use them)
         self._lock_fds: dict[int, int] = {}
         self._stripes = [threading.Lock() for _ in range(_STRIPES)]
 
@@ -315,7 +316,16 @@ class FSDriver(Driver):
                     return None
             return self._base_fd
 
-    def _refuse_link(self, dirs: _Dirs, name: str, exc: OSError) -> DriverError:
+    def _forget_deleted_base(self) -> None:
+        """Reopen (and recreate) the base directory next time if it was deleted."""
+        with self._guard:
+            fd = self._base_fd
+            if fd is not None and os.fstat(fd).st_nlink == 0:
+                self._old_fds += [fd, *self._lock_fds.values()]
+                self._base_fd = None
+                self._lock_fds.clear()
+
+    def _refuse_link(self, dirs: _Dirs, name: str) -> DriverError:
         path = os.path.join(self.base, *dirs.names, name)
         return DriverError(
             f"{path!r} is a symbolic link or not a directory; FSDriver never follows links "
@@ -346,7 +356,7 @@ class FSDriver(Driver):
         except OSError as exc:
             dirs.close()
             if exc.errno in _LINK_ERRORS:
-                raise self._refuse_link(dirs, name, exc) from exc
+                raise self._refuse_link(dirs, name) from exc
             if exc.errno == errno.ENOENT and create:
                 raise _Retry from exc
             raise
@@ -359,7 +369,7 @@ class FSDriver(Driver):
             return None
         except OSError as exc:
             if exc.errno in _LINK_ERRORS:
-                raise self._refuse_link(dirs, name, exc) from exc
+                raise self._refuse_link(dirs, name) from exc
             raise
 
     @contextlib.contextmanager
@@ -377,16 +387,12 @@ class FSDriver(Driver):
     def _lock_fd(self, stripe: int) -> int:
         fd = self._lock_fds.get(stripe)
         if fd is None:
-            base_fd = self._base(True)
-            assert base_fd is not None
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(_LOCKS, dir_fd=base_fd)
-            fd = os.open(
-                f"{_LOCKS}/{stripe:02x}",
-                os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                0o666,
-                dir_fd=base_fd,
-            )
+            dirs = self._open_dirs([_LOCKS], create=True)
+            assert dirs is not None
+            try:
+                fd = os.open(f"{stripe:02x}", _TOUCH_FLAGS, 0o666, dir_fd=dirs.fd)
+            finally:
+                dirs.close()
             self._lock_fds[stripe] = fd
         return fd
 
@@ -477,6 +483,7 @@ class FSDriver(Driver):
                 finally:
                     dirs.close()
             except _Retry:
+                self._forget_deleted_base()
                 continue
             return
         raise DriverError(f"directory of {key!r} keeps disappearing", driver=self.name)
@@ -717,8 +724,9 @@ class FSDriver(Driver):
 
     async def dispose(self) -> None:
         with self._guard:
-            fds = list(self._lock_fds.values())
+            fds = [*self._lock_fds.values(), *self._old_fds]
             self._lock_fds.clear()
+            self._old_fds.clear()
             if self._base_fd is not None:
                 fds.append(self._base_fd)
                 self._base_fd = None
