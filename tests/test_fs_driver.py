@@ -28,6 +28,8 @@ from kvstorage import (
 )
 from kvstorage.drivers import FSDriver, from_url
 
+from .helpers import eventually
+
 pytestmark = pytest.mark.anyio
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -307,6 +309,35 @@ async def test_conditions_between_two_driver_instances(base: Path) -> None:
     assert await two.get_item("k") == 2
     await one.dispose()
     await two.dispose()
+
+
+# -- watching --------------------------------------------------------------------------
+
+
+async def test_watch_sees_other_writers_and_new_directories(storage: Storage, base: Path) -> None:
+    events: list[tuple[str, str]] = []
+    unwatch = await storage.watch(lambda event, key: events.append((event, key)))
+    other = create_storage(FSDriver(base))  # another writer, as another process would be
+    keys = [f"n{i}:deep{i}:k" for i in range(100)]
+    for key in keys:
+        await other.set_item(key, 1, ttl=60)
+    (base / "tool").write_bytes(b'"from a tool"')
+
+    async def seen(*expected: tuple[str, str]) -> bool:
+        return all(event in events for event in expected)
+
+    await eventually(lambda: seen(*[("update", key) for key in keys], ("update", "tool")))
+    await other.clear("n1")
+    (base / "tool").unlink()
+    await eventually(lambda: seen(("remove", "n1:deep1:k"), ("remove", "tool")))
+    assert {key for _, key in events} <= {*keys, "tool"}  # no temp files, markers, dirs
+    await unwatch()
+    count = len(events)
+    await other.set_item("after", 1)
+    await storage.set_item("after", 2)
+    assert await storage.get_item("after") == 2
+    assert events[count:] == []
+    await other.dispose()
 
 
 # -- real processes --------------------------------------------------------------------

@@ -80,13 +80,24 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import AsyncGenerator, Callable, Generator, Iterator, Sequence
-from typing import TypeVar
+from collections.abc import (
+    AsyncGenerator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+    Sequence,
+)
+from typing import Literal, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import anyio.from_thread
+import anyio.lowlevel
 import anyio.to_thread
+from anyio.lowlevel import EventLoopToken
 
-from ..driver import Capabilities, Driver, Record, Stat, is_expired
+from ..driver import Capabilities, Driver, EmitEvent, Record, Stat, is_expired
 from ..errors import ConditionFailedError, DriverError, InvalidKeyError, ReadOnlyError
 
 __all__ = ["FSDriver"]
@@ -251,7 +262,7 @@ class FSDriver(Driver):
     """
 
     name = "fs"
-    capabilities = Capabilities(batch=True, max_depth=True, conditions=True)
+    capabilities = Capabilities(batch=True, max_depth=True, conditions=True, watch=True)
     #: Temp files older than this many seconds are left over by a killed writer and are
     #: deleted by :meth:`sweep` and :meth:`clear`.
     stale_temp_after: float = 600.0
@@ -722,6 +733,48 @@ class FSDriver(Driver):
         self._check_writable()
         return await self._run(self._clear, base, True)
 
+    # -- watching -----------------------------------------------------------------------
+
+    async def watch(self, emit: EmitEvent) -> Callable[[], Awaitable[None]]:
+        """Report changes made by any process under ``base`` (see :class:`_Watcher`)."""
+        token = anyio.lowlevel.current_token()
+        watcher = await self._run(_Watcher, self, emit, token)
+        return watcher.stop
+
+    def _changes(
+        self, changes: Iterable[tuple[int, str]]
+    ) -> list[tuple[Literal["update", "remove"], str]]:
+        """Turn raw file events into key events, judged by what is on disk now (a batch of
+        events is unordered): a live key is an update, a missing or expired one a remove.
+        A new directory is listed in full, since files may have landed in it before the
+        watch on it started."""
+        keys: dict[str, None] = {}
+        for change, path in changes:
+            decoded = _decode_path(os.path.relpath(path, self.base))
+            if decoded is None:
+                continue
+            key, is_dir = decoded
+            if not is_dir:
+                keys[key] = None
+            elif change == 1:  # added
+                keys.update((found, None) for found in self._scan_now(key))
+        events: list[tuple[Literal["update", "remove"], str]] = []
+        for key in keys:
+            stat = self._head(key)
+            live = stat is not None and not is_expired(stat.expires_at)
+            events.append(("update" if live else "remove", key))
+        return events
+
+    def _scan_now(self, base: str) -> list[str]:
+        try:
+            return [
+                key
+                for dirs, name, key, may_expire in self._walk(base, None, prune=False)
+                if not may_expire or self._live(dirs, name)
+            ]
+        except (OSError, DriverError):
+            return []
+
     async def dispose(self) -> None:
         with self._guard:
             fds = [*self._lock_fds.values(), *self._old_fds]
@@ -732,6 +785,73 @@ class FSDriver(Driver):
                 self._base_fd = None
         for fd in fds:
             os.close(fd)
+
+
+def _decode_path(path: str) -> tuple[str, bool] | None:
+    """``(key, False)`` for a value file's path relative to base, ``(base key, True)`` for
+    one of our directories, None for anything else (temp files, markers, foreign names)."""
+    segments: list[str] = []
+    piece = ""
+    names = path.split(os.sep)
+    for name in names:
+        if not name or name[0] == ":" or name in (".", "..") or _FOREIGN.search(name):
+            return None
+        if name.endswith("::") and ":" not in name[:-2]:
+            piece += name[:-2]
+        elif name.endswith(":") and ":" not in name[:-1]:
+            segments.append(piece + name[:-1])
+            piece = ""
+        elif ":" not in name and name is names[-1]:
+            segments.append(piece + name)
+            return ":".join(segments), False
+        else:
+            return None
+    return ":".join(segments), True
+
+
+class _Watcher:
+    """Native watching with ``watchfiles`` (inotify, FSEvents, ...): a thread collects
+    raw events in batches of up to 50 ms and hands key events to the event loop.
+
+    The OS watch is set up before :meth:`FSDriver.watch` returns, so no later change is
+    missed; a batch is reported after it was written, typically within 50-100 ms.
+    """
+
+    def __init__(self, driver: FSDriver, emit: EmitEvent, token: EventLoopToken) -> None:
+        from watchfiles._rust_notify import RustNotify
+
+        os.makedirs(driver.base, exist_ok=True)
+        self._driver = driver
+        self._emit = emit
+        self._token = token
+        self._stopping = threading.Event()
+        # paths, debug, force_polling, poll_delay_ms, recursive, ignore_permission_denied
+        self._notify = RustNotify([driver.base], False, False, 50, True, True)
+        self._thread = threading.Thread(target=self._run, name="kvstorage-fs-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                changes = self._notify.watch(50, 5, 500, self._stopping)
+                if isinstance(changes, set) and changes:
+                    events = self._driver._changes(changes)
+                    if events and not self._stopping.is_set():
+                        anyio.from_thread.run_sync(self._deliver, events, token=self._token)
+        except RuntimeError:  # the event loop is gone
+            pass
+        finally:
+            self._notify.close()
+
+    def _deliver(self, events: list[tuple[Literal["update", "remove"], str]]) -> None:
+        if not self._stopping.is_set():
+            for event, key in events:
+                self._emit(event, key)
+
+    async def stop(self) -> None:
+        """Stop watching; no event is delivered after this returns."""
+        self._stopping.set()
+        await anyio.to_thread.run_sync(self._thread.join)
 
 
 class _Retry(Exception):
