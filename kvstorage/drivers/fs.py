@@ -58,10 +58,18 @@ Paths are opened relative to the base directory one component at a time with
 :class:`~kvstorage.errors.DriverError` naming the path; listing skips links), so no key
 can reach outside ``base``.
 
+Watching
+--------
+``storage.watch()`` uses native file watching (``watchfiles``: inotify, FSEvents, ...), so
+it reports changes made by every process and by other tools, not only by this storage.
+Events arrive in batches, typically 50-100 ms after the write; within a batch the events
+of one key collapse into one, judged by what is on disk when the batch is read (a live
+key is an ``"update"``, a deleted or expired one a ``"remove"``). Temp files, markers and
+directories never produce events. Expiry itself produces no event.
+
 Each operation (batches and listing chunks included) is one hop to a worker thread.
 Expiry is not native: expired files are invisible but stay on disk until
-:meth:`FSDriver.sweep` (``storage.sweep()``) deletes them. Native file watching is not
-implemented (``capabilities.watch`` is false): the core reports this process's writes.
+:meth:`FSDriver.sweep` (``storage.sweep()``) deletes them.
 """
 
 from __future__ import annotations
@@ -71,6 +79,7 @@ import errno
 import fcntl
 import functools
 import itertools
+import logging
 import math
 import os
 import re
@@ -98,9 +107,17 @@ import anyio.to_thread
 from anyio.lowlevel import EventLoopToken
 
 from ..driver import Capabilities, Driver, EmitEvent, Record, Stat, is_expired
-from ..errors import ConditionFailedError, DriverError, InvalidKeyError, ReadOnlyError
+from ..errors import (
+    ConditionFailedError,
+    DriverError,
+    InvalidKeyError,
+    KVStorageError,
+    ReadOnlyError,
+)
 
 __all__ = ["FSDriver"]
+
+logger = logging.getLogger("kvstorage")
 
 _T = TypeVar("_T")
 
@@ -760,7 +777,10 @@ class FSDriver(Driver):
                 keys.update((found, None) for found in self._scan_now(key))
         events: list[tuple[Literal["update", "remove"], str]] = []
         for key in keys:
-            stat = self._head(key)
+            try:
+                stat = self._head(key)
+            except (OSError, KVStorageError):  # a link or a foreign file: not a key
+                continue
             live = stat is not None and not is_expired(stat.expires_at)
             events.append(("update" if live else "remove", key))
         return events
@@ -772,7 +792,7 @@ class FSDriver(Driver):
                 for dirs, name, key, may_expire in self._walk(base, None, prune=False)
                 if not may_expire or self._live(dirs, name)
             ]
-        except (OSError, DriverError):
+        except (OSError, KVStorageError):
             return []
 
     async def dispose(self) -> None:
@@ -840,6 +860,8 @@ class _Watcher:
                         anyio.from_thread.run_sync(self._deliver, events, token=self._token)
         except RuntimeError:  # the event loop is gone
             pass
+        except Exception:
+            logger.exception("watching %s failed; no more events", self._driver.base)
         finally:
             self._notify.close()
 
