@@ -396,7 +396,11 @@ def _wait_for_line(proc: subprocess.Popen[str], expected: str, within: float = 3
         if not selector.select(within):
             proc.kill()
             raise AssertionError(f"child did not print {expected!r} within {within} s")
-    assert proc.stdout.readline().strip() == expected, proc.stderr
+    line = proc.stdout.readline().strip()
+    if line != expected:
+        proc.kill()
+        _, err = proc.communicate()
+        raise AssertionError(f"child printed {line!r} instead of {expected!r}; stderr:\n{err}")
 
 
 @pytest.mark.slow
@@ -415,7 +419,10 @@ def test_a_killed_writer_never_leaves_a_torn_value(base: Path) -> None:
         )
         try:
             _wait_for_line(proc, "writing")
-            time.sleep(random.uniform(0, 0.05))  # the random kill moment
+            kill_at = time.monotonic() + random.uniform(0, 0.05)  # the random kill moment
+            while time.monotonic() < kill_at:  # meanwhile, read while it writes
+                record = anyio.run(reader.get, "k")
+                assert record is not None and record.value in expected
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
