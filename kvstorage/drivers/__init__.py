@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from ..driver import Driver
 
 if TYPE_CHECKING:
-    from .fs import FSDriver  # type: ignore[import-not-found]  # not written yet
+    from .fs import FSDriver
     from .memory import MemoryDriver
     from .redis import RedisDriver  # type: ignore[import-not-found]  # not written yet
     from .s3 import S3Driver  # type: ignore[import-not-found]  # not written yet
