@@ -180,22 +180,12 @@ class SessionManager:
     async def _read(self, session_id: str) -> Stored | None:
         """The live session stored under ``session_id``, or None (missing, expired or
         corrupt -- corrupt data is logged and treated as missing)."""
-        storage, key = self.storage, self._key(session_id)
+        entry = await self.storage.get_entry_raw(self._key(session_id))
+        if entry is None:
+            return None
         try:
-            if isinstance(storage.get_mount(key).serializer, TaggedSerializer):
-                entry = await storage.get_entry(key)
-                if entry is None:
-                    return None
-                document, etag = entry.value, entry.etag
-            else:
-                # Another serializer: read the raw bytes. The etag is read *first*, so a
-                # write in between makes the later if_match fail instead of losing data.
-                meta = await storage.get_meta(key)
-                raw = None if meta is None else await storage.get_item_raw(key)
-                if meta is None or raw is None:
-                    return None
-                document, etag = _serializer.loads(raw), meta.etag
-            stored = Stored(document["d"], document["f"], document["c"], document["a"], etag=etag)
+            document = _serializer.loads(entry.value)
+            stored = Stored(document["d"], document["f"], document["c"], document["a"], entry.etag)
             if not (isinstance(stored.data, dict) and isinstance(stored.flash, dict)):
                 raise TypeError("data is not a mapping")
             if not (

@@ -397,7 +397,7 @@ async def test_prefix_and_host_cookie(driver: CountingDriver):
 
 async def test_json_storage_view_works_with_tagged_values(storage: Storage):
     """A user's storage with the default json serializer: values still round-trip and
-    concurrent writers still both win (raw bytes, etag read first)."""
+    concurrent writers still both win (the session serializes itself: get_entry_raw)."""
     from kvstorage import prefix_storage
 
     manager = SessionManager(prefix_storage(storage, "app"))
