@@ -28,6 +28,8 @@ from starlette.routing import Route
 
 Handler = Callable[[Request], Awaitable[Response]]
 App = Any  # an ASGI application
+Close = Callable[[], Awaitable[None]]
+Builder = Callable[[], tuple[App, Close | None]]
 
 
 def _app(read: Handler, write: Handler) -> Starlette:
@@ -105,28 +107,39 @@ async def _client(app: App) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
+OPERATIONS = {"read-only request": ("GET", "/read"), "read-write request": ("POST", "/write")}
+
+
 async def _rate(client: httpx.AsyncClient, method: str, path: str, count: int) -> float:
-    """Requests per second: best of three rounds of ``count`` sequential requests."""
-    best = 0.0
-    for _ in range(3):
-        started = time.perf_counter()
-        for _ in range(count):
-            response = await client.request(method, path)
-            if response.status_code != 200:
-                raise RuntimeError(f"{path} answered {response.status_code}")
-        best = max(best, count / (time.perf_counter() - started))
-    return best
+    """Requests per second over ``count`` sequential requests."""
+    started = time.perf_counter()
+    for _ in range(count):
+        response = await client.request(method, path)
+        if response.status_code != 200:
+            raise RuntimeError(f"{path} answered {response.status_code}")
+    return count / (time.perf_counter() - started)
 
 
-async def _measure(app: App, count: int) -> dict[str, float]:
-    async with _client(app) as client:
-        await client.post("/write")  # create the session: later requests carry its cookie
-        for _ in range(min(count, 100)):  # warm up
-            await client.get("/read")
-        return {
-            "read-only request": await _rate(client, "GET", "/read", count),
-            "read-write request": await _rate(client, "POST", "/write", count),
-        }
+async def _measure(targets: dict[str, Builder], count: int, rounds: int) -> dict[str, float]:
+    """Best rate per (target, operation); the targets take turns in every round, so a
+    busy machine slows them alike."""
+    best: dict[tuple[str, str], float] = {}
+    async with AsyncExitStack() as stack:
+        clients = {}
+        for target, build in targets.items():
+            app, close = build()
+            if close is not None:
+                stack.push_async_callback(close)
+            client = await stack.enter_async_context(_client(app))
+            await client.post("/write")  # create the session: later requests carry its cookie
+            await _rate(client, "GET", "/read", min(count, 100))  # warm up
+            clients[target] = client
+        for _ in range(rounds):
+            for target, client in clients.items():
+                for operation, (method, path) in OPERATIONS.items():
+                    rate = await _rate(client, method, path, count)
+                    best[target, operation] = max(best.get((target, operation), 0.0), rate)
+    return {f"{target}|{operation}": rate for (target, operation), rate in best.items()}
 
 
 def _with_base(url: str, base: str) -> str:
@@ -136,43 +149,26 @@ def _with_base(url: str, base: str) -> str:
 async def run(*, quick: bool, redis_url: str | None) -> list[dict[str, object]]:
     """Measure every target; return rows ``{group, operation, target, ops}`` (ops in
     requests/s)."""
-    count = 300 if quick else 3000
-    rows: list[dict[str, object]] = []
-    groups: list[tuple[str, list[tuple[str, Callable[[], Any]]]]] = [
-        (
-            "sessions (memory)",
-            [
-                ("kvstorage sessions (memory)", lambda: kvstorage_app("memory://")),
-                ("no session middleware", lambda: (plain_app(), None)),
-                ("starsessions (memory)", lambda: starsessions_app(None)),
-            ],
-        )
-    ]
+    count, rounds = (200, 3) if quick else (1000, 5)
+    groups = {
+        "sessions (memory)": {
+            "kvstorage sessions (memory)": lambda: kvstorage_app("memory://"),
+            "no session middleware": lambda: (plain_app(), None),
+            "starsessions (memory)": lambda: starsessions_app(None),
+        }
+    }
     if redis_url is not None:
         base = f"bench-sessions-{uuid.uuid4().hex}"
-        groups.append(
-            (
-                "sessions (redis)",
-                [
-                    (
-                        "kvstorage sessions (redis)",
-                        lambda: kvstorage_app(_with_base(redis_url, base)),
-                    ),
-                    ("no session middleware", lambda: (plain_app(), None)),
-                    ("starsessions (redis)", lambda: starsessions_app(redis_url)),
-                ],
-            )
-        )
-    for group, targets in groups:
-        for target, build in targets:
-            async with AsyncExitStack() as stack:
-                app, close = build()
-                if close is not None:
-                    stack.push_async_callback(close)
-                for operation, ops in (await _measure(app, count)).items():
-                    rows.append(
-                        {"group": group, "operation": operation, "target": target, "ops": ops}
-                    )
+        groups["sessions (redis)"] = {
+            "kvstorage sessions (redis)": lambda: kvstorage_app(_with_base(redis_url, base)),
+            "no session middleware": lambda: (plain_app(), None),
+            "starsessions (redis)": lambda: starsessions_app(redis_url),
+        }
+    rows: list[dict[str, object]] = []
+    for group, targets in groups.items():
+        for name, ops in (await _measure(targets, count, rounds)).items():
+            target, operation = name.split("|")
+            rows.append({"group": group, "operation": operation, "target": target, "ops": ops})
     return rows
 
 

@@ -1,10 +1,13 @@
 """`SessionManager`: IDs, the stored form of a session, expiry, and the commit that applies
 one request's changes to the stored version without losing anybody else's.
 
-Stored form: one item per session at ``<prefix>:<id>``, written with the ``tagged``
-serializer as ``{"d": data, "f": flash values, "c": created, "a": last write}`` (Unix
-seconds), with a storage TTL equal to what is left of the absolute lifetime or the idle
-timeout, whichever ends first.
+Stored form: one item per session at ``<prefix>:<id>``, the JSON object
+``{"d": data, "f": flash values, "c": created, "a": last write}`` (times in Unix seconds)
+in which every value is serialized with the ``tagged`` serializer, and with a storage TTL
+equal to what is left of the absolute lifetime or the idle timeout, whichever ends first.
+
+Values stay serialized (``msgspec.Raw``) while a session is in memory: a request
+decodes only the values it reads and re-encodes only those it sets.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
+import msgspec
+from msgspec import Raw
 
 from kvstorage import (
     ConditionFailedError,
@@ -75,12 +80,23 @@ def _redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+class _Document(msgspec.Struct):
+    d: dict[str, Raw]
+    f: dict[str, Raw]
+    c: float
+    a: float
+
+
+_encode_document = msgspec.json.Encoder().encode
+_decode_document = msgspec.json.Decoder(_Document).decode
+
+
 @dataclass(frozen=True, slots=True)
 class Stored:
-    """A session as read from the storage."""
+    """A session as read from the storage (values still serialized)."""
 
-    data: dict[str, Any]
-    flash: dict[str, Any]
+    data: dict[str, Raw]
+    flash: dict[str, Raw]
     created: float
     accessed: float
     etag: str | None  # None after our own write (the storage does not return the new etag)
@@ -170,8 +186,15 @@ class SessionManager:
 
     # -- the stored form ----------------------------------------------------------------
 
-    def _copy(self, value: Any) -> Any:
-        return _serializer.loads(_serializer.dumps(value))
+    def _encode(self, value: Any) -> Raw:
+        return Raw(_serializer.dumps(value))
+
+    def _decode(self, raw: Raw, key: str, default: Any) -> Any:
+        try:
+            return _serializer.loads(bytes(raw))
+        except SerializationError as exc:
+            logger.warning("session value %r is corrupt (%s); ignored", key, exc)
+            return default
 
     def _refresh_due(self, stored: Stored) -> bool:
         idle = self.idle_timeout
@@ -184,21 +207,15 @@ class SessionManager:
         if entry is None:
             return None
         try:
-            document = _serializer.loads(entry.value)
-            stored = Stored(document["d"], document["f"], document["c"], document["a"], entry.etag)
-            if not (isinstance(stored.data, dict) and isinstance(stored.flash, dict)):
-                raise TypeError("data is not a mapping")
-            if not (
-                isinstance(stored.created, int | float) and isinstance(stored.accessed, int | float)
-            ):
-                raise TypeError("timestamps are not numbers")
-        except (SerializationError, TypeError, KeyError) as exc:
+            document = _decode_document(entry.value)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             logger.warning(
                 "session %s: stored data is corrupt (%s); starting a new session",
                 fingerprint(session_id),
                 exc,
             )
             return None
+        stored = Stored(document.d, document.f, document.c, document.a, entry.etag)
         now = time.time()
         if self.ttl is not None and now >= stored.created + self.ttl:
             return None
@@ -209,8 +226,8 @@ class SessionManager:
     async def _write(
         self,
         session_id: str,
-        data: dict[str, Any],
-        flash: dict[str, Any],
+        data: dict[str, Raw],
+        flash: dict[str, Raw],
         created: float,
         *,
         if_absent: bool = False,
@@ -224,7 +241,7 @@ class SessionManager:
         ttl = min(limits) if limits else None
         if ttl is not None and ttl <= 0:
             return None
-        raw = _serializer.dumps({"d": data, "f": flash, "c": created, "a": now})
+        raw = _encode_document(_Document(data, flash, created, now))
         await self.storage.set_item_raw(
             self._key(session_id), raw, ttl=ttl, if_absent=if_absent, if_match=if_match
         )
@@ -294,8 +311,8 @@ class SessionManager:
     async def _create(
         self,
         session: Session,
-        data: dict[str, Any],
-        flash: dict[str, Any],
+        data: dict[str, Raw],
+        flash: dict[str, Raw],
         created: float,
         session_id: str,
     ) -> str | None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from msgspec import Raw
+
 if TYPE_CHECKING:
     from .manager import SessionManager, Stored
 
@@ -45,7 +47,8 @@ class Session:
 
     Values are anything the ``tagged`` serializer round-trips (JSON values plus
     ``datetime``, ``date``, ``Decimal``, ``UUID``, ``bytes``, ``set``, ``tuple``, ...).
-    :meth:`set` stores a copy: mutate a value you read, then ``set`` it again.
+    Values are copied in and out: :meth:`set` serializes at once, and every read
+    returns a new object, so to change a value, read it, change it and ``set`` it again.
     """
 
     __slots__ = (
@@ -70,7 +73,8 @@ class Session:
         self._new_id: str | None = None  # chosen by regenerate(), written by commit
         self._loaded = cookie_id is None  # nothing to load without a cookie
         self._base: Stored | None = None  # the stored version read at load time
-        self._changes: dict[tuple[str, str], Any] = {}  # (namespace, key) -> value/DELETED
+        # (namespace, key) -> the value serialized, or DELETED
+        self._changes: dict[tuple[str, str], Raw] = {}
         self._cleared = False
         self._doomed: list[str] = []  # IDs whose data commit removes
         self._destroyed = False  # commit expires the cookie
@@ -114,11 +118,11 @@ class Session:
         stored = self._base.data if namespace == _DATA else self._base.flash
         return stored.get(key, DELETED)
 
-    def _merged(self, base: Stored | None) -> tuple[dict[str, Any], dict[str, Any]]:
-        """``base`` with this request's changes applied: (data, flash)."""
+    def _merged(self, base: Stored | None) -> tuple[dict[str, Raw], dict[str, Raw]]:
+        """``base`` with this request's changes applied: (data, flash), serialized."""
         if self._cleared or base is None:
-            data: dict[str, Any] = {}
-            flash: dict[str, Any] = {}
+            data: dict[str, Raw] = {}
+            flash: dict[str, Raw] = {}
         else:
             data, flash = dict(base.data), dict(base.flash)
         for (namespace, key), value in self._changes.items():
@@ -130,10 +134,10 @@ class Session:
         return data, flash
 
     async def get(self, key: str, default: Any = None) -> Any:
-        """The value stored at ``key``, or ``default``."""
+        """The value stored at ``key`` (a new copy on every call), or ``default``."""
         await self._load()
-        value = self._lookup(_DATA, key)
-        return default if value is DELETED else value
+        raw = self._lookup(_DATA, key)
+        return default if raw is DELETED else self._manager._decode(raw, key, default)
 
     async def has(self, key: str) -> bool:
         """True when ``key`` holds a value."""
@@ -148,7 +152,8 @@ class Session:
     async def items(self) -> list[tuple[str, Any]]:
         """Every ``(key, value)`` pair of the session."""
         await self._load()
-        return list(self._merged(self._base)[0].items())
+        decode = self._manager._decode
+        return [(key, decode(raw, key, None)) for key, raw in self._merged(self._base)[0].items()]
 
     # -- writing ------------------------------------------------------------------------
 
@@ -160,7 +165,7 @@ class Session:
                 here, not at the end of the request).
         """
         _check_key(key)
-        self._changes[_DATA, key] = self._manager._copy(value)
+        self._changes[_DATA, key] = self._manager._encode(value)
 
     async def delete(self, key: str) -> None:
         """Remove ``key`` (no error when it is missing)."""
@@ -176,17 +181,17 @@ class Session:
         """Store ``value`` for one later read with :meth:`pop_flash` (a message shown
         after a redirect, typically). Same rules as :meth:`set`."""
         _check_key(key)
-        self._changes[_FLASH, key] = self._manager._copy(value)
+        self._changes[_FLASH, key] = self._manager._encode(value)
 
     async def pop_flash(self, key: str, default: Any = None) -> Any:
         """Return the flash value at ``key`` and remove it, or ``default``."""
         _check_key(key)
         await self._load()
-        value = self._lookup(_FLASH, key)
-        if value is DELETED:
+        raw = self._lookup(_FLASH, key)
+        if raw is DELETED:
             return default
         self._changes[_FLASH, key] = DELETED
-        return value
+        return self._manager._decode(raw, key, default)
 
     async def regenerate(self) -> None:
         """Give the session a new ID, keeping its data (call it on login and on every
