@@ -480,3 +480,27 @@ def test_session_repr_has_no_id():
     manager = SessionManager(create_storage())
     session: Session = manager.open("C" * 43)
     assert "C" * 43 not in repr(session)
+
+
+async def test_reads_return_copies(manager: SessionManager):
+    sid = await new_session(manager, cart=["apple"])
+    session = manager.open(sid)
+    cart = await session.get("cart")
+    cart.append("pear")  # changing what was read changes nothing until set() again
+    assert await session.get("cart") == ["apple"]
+    await session.set("cart", cart)
+    await manager.commit(session)
+    assert await manager.open(sid).get("cart") == ["apple", "pear"]
+
+
+async def test_a_corrupt_value_reads_as_missing_and_is_logged(
+    manager: SessionManager, caplog: pytest.LogCaptureFixture
+):
+    sid = await new_session(manager, ok=1)
+    document = b'{"d": {"ok": 1, "bad": {"$kv": "nope", "v": 1}}, "f": {}, "c": 1e10, "a": 1e10}'
+    await manager.storage.set_item_raw(f"session:{sid}", document)
+    session = manager.open(sid)
+    with caplog.at_level(logging.WARNING, logger="sessions"):
+        assert await session.get("bad", "default") == "default"
+    assert await session.get("ok") == 1
+    assert "corrupt" in caplog.text and sid not in caplog.text
