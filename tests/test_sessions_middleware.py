@@ -255,3 +255,37 @@ async def test_plain_asgi_app_and_lifespan_passthrough(driver: CountingDriver):
     async with httpx.AsyncClient(transport=transport, base_url="https://t") as client:
         assert (await client.get("/")).text == "1"
         assert (await client.get("/")).text == "2"
+
+
+async def test_websocket_reads_and_writes_an_existing_session(driver: CountingDriver):
+    manager = SessionManager(driver)
+    session = manager.open(None)
+    await session.set("user", "ann")
+    sid = (await manager.commit(session))[0].split(";")[0].removeprefix("session=")
+
+    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+        session = scope["session"]
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.send", "text": await session.get("user")})
+        await session.set("seen", True)  # after the handshake: saved when the app returns
+        await send({"type": "websocket.close", "code": 1000})
+
+    messages = [{"type": "websocket.connect"}]
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        return messages.pop(0)
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "websocket",
+        "path": "/ws",
+        "headers": [(b"cookie", f"session={sid}".encode())],
+    }
+    await SessionMiddleware(app, manager)(scope, receive, send)
+    assert [m["type"] for m in sent] == ["websocket.accept", "websocket.send", "websocket.close"]
+    assert sent[1]["text"] == "ann"
+    assert await manager.open(sid).items() == [("user", "ann"), ("seen", True)]
