@@ -149,7 +149,7 @@ def _with_base(url: str, base: str) -> str:
 async def run(*, quick: bool, redis_url: str | None) -> list[dict[str, object]]:
     """Measure every target; return rows ``{group, operation, target, ops}`` (ops in
     requests/s)."""
-    count, rounds = (200, 3) if quick else (1000, 5)
+    count, rounds = (200, 3) if quick else (500, 10)
     groups = {
         "sessions (memory)": {
             "kvstorage sessions (memory)": lambda: kvstorage_app("memory://"),

@@ -20,6 +20,7 @@ import random
 import re
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -176,13 +177,17 @@ class SessionManager:
     def _key(self, session_id: str) -> str:
         return f"{self.prefix}:{session_id}"
 
-    def open(self, cookie_value: str | None) -> Session:
+    def open(self, cookie_value: str | Sequence[str] | None) -> Session:
         """The session for a request carrying ``cookie_value`` (None: no cookie). No I/O:
         the data is loaded when first read. A value that is not a well-formed ID is
-        ignored, as if there were no cookie."""
-        if cookie_value is not None and _ID.fullmatch(cookie_value) is None:
-            cookie_value = None
-        return Session(self, cookie_value)
+        ignored, as if there were no cookie; of several values (a request may carry the
+        cookie more than once), the first well-formed one is used."""
+        if isinstance(cookie_value, str):
+            cookie_value = [cookie_value]
+        for value in cookie_value or ():
+            if _ID.fullmatch(value) is not None:
+                return Session(self, value)
+        return Session(self, None)
 
     # -- the stored form ----------------------------------------------------------------
 

@@ -64,8 +64,7 @@ class SessionMiddleware:
             await self.app(scope, receive, send)
             return
         manager = self.manager
-        valid = [v for v in _cookie_values(scope, manager.cookie.name) if manager.is_valid_id(v)]
-        session = manager.open(valid[0] if valid else None)
+        session = manager.open(_cookie_values(scope, manager.cookie.name))
         scope["session"] = session
         status: int | None = None
 

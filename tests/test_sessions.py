@@ -504,3 +504,9 @@ async def test_a_corrupt_value_reads_as_missing_and_is_logged(
         assert await session.get("bad", "default") == "default"
     assert await session.get("ok") == 1
     assert "corrupt" in caplog.text and sid not in caplog.text
+
+
+async def test_open_takes_the_first_well_formed_of_several_values(manager: SessionManager):
+    sid = await new_session(manager, a=1)
+    session = manager.open(["", "not-an-id", sid, "E" * 43])
+    assert await session.get("a") == 1 and session.id == sid
