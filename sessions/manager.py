@@ -141,6 +141,7 @@ class SessionManager:
         self.refresh_fraction = refresh_fraction
         self.cookie = cookie if cookie is not None else CookieOptions()
         self._owns_storage = not isinstance(storage, Storage)
+        self._corrupt_reported: dict[str, None] = {}
         if storage is None or isinstance(storage, Storage):
             self._storage = storage
         else:
@@ -201,6 +202,20 @@ class SessionManager:
             logger.warning("session value %r is corrupt (%s); ignored", key, exc)
             return default
 
+    def _report_once(self, session_id: str, exc: Exception) -> None:
+        """Log corrupt data once per session (of the last 1024), not on every request."""
+        reported = self._corrupt_reported
+        if session_id in reported:
+            return
+        reported[session_id] = None
+        if len(reported) > 1024:
+            del reported[next(iter(reported))]
+        logger.warning(
+            "session %s: stored data is corrupt (%s); starting a new session",
+            fingerprint(session_id),
+            exc,
+        )
+
     def _refresh_due(self, stored: Stored) -> bool:
         idle = self.idle_timeout
         return idle is not None and time.time() - stored.accessed >= idle * self.refresh_fraction
@@ -214,11 +229,7 @@ class SessionManager:
         try:
             document = _decode_document(entry.value)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            logger.warning(
-                "session %s: stored data is corrupt (%s); starting a new session",
-                fingerprint(session_id),
-                exc,
-            )
+            self._report_once(session_id, exc)
             return None
         stored = Stored(document.d, document.f, document.c, document.a, entry.etag)
         now = time.time()
