@@ -511,3 +511,19 @@ async def test_open_takes_the_first_well_formed_of_several_values(manager: Sessi
     sid = await new_session(manager, a=1)
     session = manager.open(["", "not-an-id", sid, "E" * 43])
     assert await session.get("a") == 1 and session.id == sid
+
+
+async def test_commit_after_headers_keeps_an_id_change_for_later(
+    manager: SessionManager, caplog: pytest.LogCaptureFixture
+):
+    sid = await new_session(manager, user="ann")
+    session = manager.open(sid)
+    await session.regenerate()
+    with caplog.at_level(logging.WARNING, logger="sessions"):
+        assert await manager.commit(session, headers_sent=True) == []
+    assert "response started" in caplog.text
+    assert await manager.open(sid).get("user") == "ann"  # the old ID still works
+    later = manager.open(sid)
+    await later.set("theme", "dark")  # same ID: saved even after the headers
+    assert await manager.commit(later, headers_sent=True) == []
+    assert await manager.open(sid).get("theme") == "dark"

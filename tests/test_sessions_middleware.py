@@ -258,15 +258,21 @@ async def test_plain_asgi_app_and_lifespan_passthrough(driver: CountingDriver):
         session = scope["session"]
         await session.set("n", await session.get("n", 0) + 1)
         body = str(await session.get("n")).encode()
-        await send({"type": "http.response.start", "status": 200, "headers": []})
+        headers = [(b"cache-control", b"public, max-age=60")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
     wrapped = SessionMiddleware(app, SessionManager(driver))
     await wrapped({"type": "lifespan"}, None, None)  # type: ignore[arg-type]
     transport = httpx.ASGITransport(app=wrapped)
     async with httpx.AsyncClient(transport=transport, base_url="https://t") as client:
-        assert (await client.get("/")).text == "1"
-        assert (await client.get("/")).text == "2"
+        first = await client.get("/")
+        assert first.text == "1"
+        # A response that sets the session cookie must not be cached, whatever the app said.
+        assert first.headers.get_list("cache-control") == ["no-store"]
+        second = await client.get("/")
+        assert second.text == "2"
+        assert second.headers.get_list("cache-control") == ["public, max-age=60"]
 
 
 async def test_websocket_reads_and_writes_an_existing_session(driver: CountingDriver):
