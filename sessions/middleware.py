@@ -84,7 +84,7 @@ class SessionMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_wrapper)
-        if session.modified and (status is None or status < 500 or self.persist_on_error):
-            if scope["type"] == "http" and status is None:
-                return  # the app sent no response: the server answers 500
+        # Changes made after the headers went out (streaming body, background task, WebSocket).
+        responded = status is not None and (status < 500 or self.persist_on_error)
+        if session.modified and (responded or scope["type"] == "websocket"):
             await manager.commit(session, headers_sent=True)
