@@ -11,6 +11,9 @@ from hypothesis import strategies as st
 
 from kvstorage import InvalidKeyError, SerializationError, Storage, normalize_key
 
+from .backends import BackendSpec
+from .reliability import record
+
 pytestmark = pytest.mark.anyio
 
 NASTY_KEYS = [
@@ -44,7 +47,10 @@ NASTY_KEYS = [
 
 
 @pytest.mark.parametrize("key", NASTY_KEYS)
-async def test_awkward_keys_round_trip(storage: Storage, key: str) -> None:
+async def test_awkward_keys_round_trip(
+    storage: Storage, backend_spec: BackendSpec, key: str
+) -> None:
+    record("hostile", backend_spec.name, awkward_keys=1)
     await storage.set_item(key, key)
     assert await storage.get_item(key) == key
     assert await storage.get_keys() == [normalize_key(key)]
@@ -54,10 +60,14 @@ async def test_awkward_keys_round_trip(storage: Storage, key: str) -> None:
 
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 @given(key=st.text(max_size=40))
-async def test_property_any_key_is_rejected_or_round_trips(storage: Storage, key: str) -> None:
+async def test_property_any_key_is_rejected_or_round_trips(
+    storage: Storage, backend_spec: BackendSpec, key: str
+) -> None:
+    record("hostile", backend_spec.name, fuzzed_keys=1)
     try:
         await storage.set_item(key, {"k": key})
     except InvalidKeyError:
+        record("hostile", backend_spec.name, fuzzed_keys_rejected=1)
         with pytest.raises(InvalidKeyError):
             await storage.get_item(key)
         return

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from kvstorage import ConditionFailedError, Storage, create_storage, prefix_storage
 
-from .backends import DriverFactory
+from .backends import BackendSpec, DriverFactory
+from .reliability import record
 
 pytestmark = pytest.mark.anyio
 
@@ -123,8 +124,11 @@ async def check(storage: Storage, model: Model) -> None:
     steps=st.lists(st.tuples(st.booleans(), operations), min_size=1, max_size=60 if LONG else 25)
 )
 async def test_random_operations_match_a_dict(
-    make_driver: DriverFactory, steps: list[tuple[bool, tuple[Any, ...]]]
+    make_driver: DriverFactory,
+    backend_spec: BackendSpec,
+    steps: list[tuple[bool, tuple[Any, ...]]],
 ) -> None:
+    record("model", backend_spec.name, examples=1, steps=len(steps))
     storage = create_storage(make_driver())
     storage.mount("m", make_driver())
     view = prefix_storage(storage, "v")
