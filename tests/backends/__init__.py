@@ -34,6 +34,7 @@ class BackendSpec:
 
 BACKENDS: list[BackendSpec] = [
     BackendSpec("memory", "memory_driver_factory", ("asyncio", "trio")),
+    BackendSpec("sqlite", "sqlite_driver_factory", ("asyncio",), shared=True),
 ]
 
 
