@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote
 
 import aiosqlite
+import anyio
+import anyio.to_thread
 
 from ..driver import Capabilities, Driver, Record, Stat, key_range, require_asyncio
 from ..errors import ConditionFailedError, DriverError, DriverUnavailableError
@@ -149,25 +151,32 @@ class SQLiteDriver(Driver):
         async with self._connecting:
             if self._db is not None:
                 return self._db
-            try:
-                db = await aiosqlite.connect(
-                    self.path, timeout=self._busy_timeout, isolation_level=None
-                )
-            except sqlite3.Error as exc:
-                raise DriverUnavailableError(
-                    f"cannot open SQLite database {self.path!r}: {exc}", driver=self.name
-                ) from exc
-            try:
-                await self._prepare(db)
-            except BaseException as exc:
-                await db.close()
-                if isinstance(exc, sqlite3.Error):
-                    raise DriverUnavailableError(
-                        f"cannot open SQLite database {self.path!r}: {exc}", driver=self.name
-                    ) from exc
-                raise
+            # Shielded: a connection cancelled half-way would leak its worker thread.
+            with anyio.CancelScope(shield=True):
+                try:
+                    if self.path != ":memory:":
+                        # Fail here rather than in aiosqlite.connect(), which leaves its
+                        # worker thread to stop after the event loop may have closed.
+                        await anyio.to_thread.run_sync(_probe, self.path)
+                    db = await aiosqlite.connect(
+                        self.path, timeout=self._busy_timeout, isolation_level=None
+                    )
+                except sqlite3.Error as exc:
+                    raise self._unavailable(exc) from exc
+                try:
+                    await self._prepare(db)
+                except BaseException as exc:
+                    await db.close()
+                    if isinstance(exc, sqlite3.Error):
+                        raise self._unavailable(exc) from exc
+                    raise
             self._db = db
             return db
+
+    def _unavailable(self, exc: sqlite3.Error) -> DriverUnavailableError:
+        return DriverUnavailableError(
+            f"cannot open SQLite database {self.path!r}: {exc}", driver=self.name
+        )
 
     async def _prepare(self, db: aiosqlite.Connection) -> None:
         """Set the connection up and create (or check) the table."""
@@ -215,10 +224,12 @@ class SQLiteDriver(Driver):
                 "create; choose another table name",
                 driver=self.name,
             )
-        # value goes last: reading expiry or version never walks a large value's pages.
+        # A rowid table, not WITHOUT ROWID: the latter is a little faster for tiny values
+        # but several times slower for large ones (its searches load whole rows). value
+        # goes last, so reading expiry or version never walks a large value's pages.
         await db.execute(
             f"CREATE TABLE {t} (key TEXT PRIMARY KEY NOT NULL, expiry REAL, "
-            "mtime REAL NOT NULL, version INTEGER NOT NULL, value BLOB NOT NULL) WITHOUT ROWID"
+            "mtime REAL NOT NULL, version INTEGER NOT NULL, value BLOB NOT NULL)"
         )
         await db.execute(
             f'CREATE INDEX "{self.table}_expiry" ON {t} (expiry) WHERE expiry IS NOT NULL'
@@ -408,7 +419,12 @@ class SQLiteDriver(Driver):
     async def dispose(self) -> None:
         db, self._db = self._db, None
         if db is not None:
-            await db.close()
+            with anyio.CancelScope(shield=True):
+                await db.close()
+
+
+def _probe(path: str) -> None:
+    sqlite3.connect(path).close()
 
 
 async def _rollback(db: aiosqlite.Connection) -> None:
