@@ -446,3 +446,27 @@ async def test_two_processes_increment_exactly(db_path: Path) -> None:
             await child.aclose()
     assert await store.get_item("counter") == 400
     await store.dispose()
+
+
+FORGETFUL_CHILD = """
+import asyncio, sys
+from kvstorage import create_storage
+
+store = create_storage("sqlite:///" + sys.argv[1])  # never disposed
+
+async def main() -> None:
+    await store.set_item("left", "behind")
+
+asyncio.run(main())
+"""
+
+
+async def test_a_storage_never_disposed_does_not_keep_the_process_alive(db_path: Path) -> None:
+    with anyio.fail_after(30):
+        child = await anyio.run_process(
+            [sys.executable, "-c", FORGETFUL_CHILD, str(db_path)], cwd=ROOT, check=False
+        )
+    assert child.returncode == 0, child.stderr.decode()
+    store = create_storage(SQLiteDriver(db_path))
+    assert await store.get_item("left") == "behind"
+    await store.dispose()

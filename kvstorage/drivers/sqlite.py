@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -158,8 +159,10 @@ class SQLiteDriver(Driver):
                         # Fail here rather than in aiosqlite.connect(), which leaves its
                         # worker thread to stop after the event loop may have closed.
                         await anyio.to_thread.run_sync(_probe, self.path)
-                    db = await aiosqlite.connect(
-                        self.path, timeout=self._busy_timeout, isolation_level=None
+                    db = await _daemonic(
+                        aiosqlite.connect(
+                            self.path, timeout=self._busy_timeout, isolation_level=None
+                        )
                     )
                 except sqlite3.Error as exc:
                     raise self._unavailable(exc) from exc
@@ -372,12 +375,10 @@ class SQLiteDriver(Driver):
     # -- listing and clearing -----------------------------------------------------------
 
     def _range(self, base: str) -> tuple[str, tuple[str, ...]]:
-        """The WHERE clause (and its parameters) selecting exactly the keys under
-        ``base``, by primary-key range -- never ``LIKE``, so no character is special."""
-        if not base:
-            return "TRUE", ()
-        low, high = key_range(base)
-        return "key > ? AND key < ?", (low, high)
+        """The condition (and its parameters) selecting exactly the keys under ``base``,
+        by primary-key range -- never ``LIKE``, so no character is special. ``""`` for
+        the root."""
+        return ("key >= ? AND key < ?", key_range(base)) if base else ("", ())
 
     async def scan(
         self, base: str = "", *, max_depth: int | None = None
@@ -405,13 +406,13 @@ class SQLiteDriver(Driver):
 
     async def clear(self, base: str = "") -> None:
         where, params = self._range(base)
-        sql = f"DELETE FROM {self._t} WHERE {where}"
+        sql = f"DELETE FROM {self._t}" + (f" WHERE {where}" if where else "")
         db = await self._connection()
         await db.execute(sql, params)
 
     async def sweep(self, base: str = "") -> int:
         where, params = self._range(base)
-        sql = f"DELETE FROM {self._t} WHERE expiry <= ? AND {where}"
+        sql = f"DELETE FROM {self._t} WHERE expiry <= ?" + (f" AND {where}" if where else "")
         db = await self._connection()
         cursor = await db.execute(sql, (time.time(), *params))
         return int(cursor.rowcount)
@@ -421,6 +422,16 @@ class SQLiteDriver(Driver):
         if db is not None:
             with anyio.CancelScope(shield=True):
                 await db.close()
+
+
+def _daemonic(connection: aiosqlite.Connection) -> aiosqlite.Connection:
+    """Make aiosqlite's worker thread a daemon (before it starts), so that a storage
+    nobody disposed does not keep the process alive at exit. Stopping SQLite mid-write
+    is safe: it is then the same as a crash, which SQLite survives."""
+    thread = getattr(connection, "_thread", connection)  # aiosqlite < 0.21: a Thread itself
+    if isinstance(thread, threading.Thread) and not thread.is_alive():
+        thread.daemon = True
+    return connection
 
 
 def _probe(path: str) -> None:
