@@ -182,8 +182,10 @@ async def test_tables_in_one_file_are_separate(db_path: Path) -> None:
     await two.clear()
     assert await one.get_item("k") == 1
     assert await two.get_keys() == []
-    await one.dispose()
-    await two.dispose()
+    same = create_storage(SQLiteDriver(db_path, table="ONE"))  # SQL names ignore case
+    assert await same.get_item("k") == 1
+    for store in (one, two, same):
+        await store.dispose()
 
 
 @pytest.mark.parametrize(

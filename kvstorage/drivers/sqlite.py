@@ -199,8 +199,8 @@ class SQLiteDriver(Driver):
     async def _create_or_check(self, db: aiosqlite.Connection) -> None:
         t = self._t
         await db.execute(
-            "CREATE TABLE IF NOT EXISTS kvstorage_schema "
-            "(name TEXT PRIMARY KEY NOT NULL, version INTEGER NOT NULL) WITHOUT ROWID"
+            "CREATE TABLE IF NOT EXISTS kvstorage_schema (name TEXT PRIMARY KEY NOT NULL "
+            "COLLATE NOCASE, version INTEGER NOT NULL) WITHOUT ROWID"
         )
         rows = list(
             await db.execute_fetchall(
@@ -223,8 +223,8 @@ class SQLiteDriver(Driver):
         )
         if exists:
             raise DriverError(
-                f"{self.path!r} already has a table {self.table!r} that kvstorage did not "
-                "create; choose another table name",
+                f"{self.path!r} already has a table or index named {self.table!r} that "
+                "kvstorage did not create; choose another table name",
                 driver=self.name,
             )
         # A rowid table, not WITHOUT ROWID: the latter is a little faster for tiny values
