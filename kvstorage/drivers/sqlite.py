@@ -66,6 +66,12 @@ class SQLiteDriver(Driver):
     name = "sqlite"
     capabilities = Capabilities(batch=True, max_depth=True, conditions=True, asyncio_only=True)
 
+    path: str
+    """The database file as an absolute path (relative paths are resolved when the driver
+    is created), or ``":memory:"``."""
+    table: str
+    """The table holding the keys."""
+
     def __init__(
         self,
         path: str | os.PathLike[str],
