@@ -35,6 +35,7 @@ class BackendSpec:
 BACKENDS: list[BackendSpec] = [
     BackendSpec("memory", "memory_driver_factory", ("asyncio", "trio")),
     BackendSpec("fs", "fs_driver_factory", ("asyncio", "trio"), shared=True),
+    BackendSpec("sqlite", "sqlite_driver_factory", ("asyncio",), shared=True),
 ]
 
 
