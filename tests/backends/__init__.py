@@ -34,6 +34,7 @@ class BackendSpec:
 
 BACKENDS: list[BackendSpec] = [
     BackendSpec("memory", "memory_driver_factory", ("asyncio", "trio")),
+    BackendSpec("s3", "s3_driver_factory", ("asyncio",), shared=True),
 ]
 
 
