@@ -245,6 +245,24 @@ async def test_if_match_refuses_an_expired_version(driver: S3Driver) -> None:
     await store.dispose()
 
 
+async def test_without_server_conditions_the_core_emulates_them(
+    s3_endpoint: str, s3_bucket: str
+) -> None:
+    driver = S3Driver(s3_bucket, endpoint_url=s3_endpoint, region=REGION, conditional_writes=False)
+    store = create_storage(driver)
+
+    async def increment() -> None:
+        await store.update_item("n", lambda n: (n or 0) + 1)
+
+    async with anyio.create_task_group() as group:
+        for _ in range(10):
+            group.start_soon(increment)
+    assert await store.get_item("n") == 10
+    with pytest.raises(ConditionFailedError):
+        await store.set_item("n", 0, if_absent=True)
+    await store.dispose()
+
+
 # -- clients, URLs and errors ----------------------------------------------------------
 
 
@@ -279,6 +297,9 @@ async def test_from_url(s3_endpoint: str, s3_bucket: str) -> None:
     await store.set_item("a", 1)
     assert await store.get_keys() == ["a"]
     await store.dispose()
+    emulated = from_url(f"s3://{s3_bucket}?conditional_writes=false&max_concurrency=4")
+    assert isinstance(emulated, S3Driver) and emulated.max_concurrency == 4
+    assert not emulated.capabilities.conditions and driver.capabilities.conditions
     with pytest.raises(ValueError, match="bogus"):
         from_url(f"s3://{s3_bucket}?bogus=1")
     with pytest.raises(ValueError, match="bucket"):

@@ -4,6 +4,7 @@ aiobotocore. Runs on asyncio only (aiobotocore is asyncio-only)."""
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
@@ -46,13 +47,23 @@ class S3Driver(Driver):
         endpoint_url: URL of an S3-compatible server (default: AWS).
         region: region name (default: from the AWS configuration).
         client: a ready aiobotocore S3 client, used as is and never closed.
-        max_concurrency: requests in flight at once for batches and listing checks.
+        max_concurrency: requests in flight at once within one batch call (``get_items``,
+            ``set_items``, ``remove_items``) and for the HEADs of one listing page.
+        conditional_writes: the server honours ``If-None-Match: *`` and ``If-Match`` on
+            PutObject (AWS since 2024, MinIO, Ceph, R2, moto). Pass False for a server that
+            ignores them: the core then serializes conditional writes with a lock, which
+            is atomic only within this process.
         client_options: extra keyword arguments for ``session.create_client`` (credentials,
             ``config=AioConfig(...)``, ``verify``, ...).
 
     Credentials come from ``client_options`` or the usual AWS sources (environment,
-    config files, instance roles). The client is created on first use and closed by
-    :meth:`dispose`.
+    config files, instance roles). The client is created on first use (from one
+    aiobotocore session shared by all drivers, which caches the service model and the
+    credentials) and closed by :meth:`dispose`. Its defaults: a connection pool of at
+    least ``max_concurrency``, botocore's ``standard`` retry mode with 3 attempts and a
+    5 s connect timeout, so an unreachable endpoint raises
+    :class:`~kvstorage.errors.DriverUnavailableError` (naming it) within seconds; a
+    ``config`` in ``client_options`` overrides them.
 
     **Object names.** Key ``a:b`` is the object ``<prefix>/a/b``. Within a segment, every
     character outside ``A-Z a-z 0-9 - _ . ~ ! * ' ( )`` is percent-encoded (UTF-8), so the
@@ -66,7 +77,10 @@ class S3Driver(Driver):
     every write, and ``if_match`` is S3's own atomic ``If-Match`` on it. Objects holding
     JSON stay valid JSON for other tools. ``if_absent`` is ``If-None-Match: *``; when the
     object exists but has expired, it is replaced with ``If-Match`` on its ETag, so of
-    several writers racing for an expired key exactly one wins.
+    several writers racing for an expired key exactly one wins. The etag returned is the
+    S3 ETag, followed by ``@<expires_at>`` for objects with a TTL so that ``if_match``
+    refuses an expired version without a HEAD. (moto checks the conditions but not under
+    a lock, so against moto they are atomic only in practice, not by guarantee.)
 
     **TTL** is stored in the object metadata and enforced on read (S3 has no per-object
     expiry; run ``storage.sweep()`` to delete expired objects). Listing does not return
@@ -74,8 +88,9 @@ class S3Driver(Driver):
     the others even-sized: listing HEADs only odd-sized objects to skip expired ones.
 
     ``remove``/``remove_items`` HEAD each key first to report whether it existed, then
-    delete (DeleteObjects, in chunks of 1000). Batches run up to ``max_concurrency``
-    requests at once.
+    delete (DeleteObjects, in chunks of 1000); ``clear`` lists and deletes without HEADs.
+    ``sweep`` deletes an expired object only if its ETag is unchanged, so a concurrent
+    rewrite survives.
     """
 
     name = "s3"
@@ -90,6 +105,7 @@ class S3Driver(Driver):
         region: str | None = None,
         client: Any = None,
         max_concurrency: int = 16,
+        conditional_writes: bool = True,
         client_options: Mapping[str, Any] | None = None,
     ) -> None:
         if not bucket:
@@ -102,6 +118,8 @@ class S3Driver(Driver):
         self.endpoint_url = endpoint_url
         self.region = region
         self.max_concurrency = max_concurrency
+        if not conditional_writes:
+            self.capabilities = Capabilities(max_depth=True, asyncio_only=True)
         self._client_options = dict(client_options or {})
         self._client: Any = None  # set by _connect on first use
         self._given_client = client
@@ -110,22 +128,27 @@ class S3Driver(Driver):
 
     @classmethod
     def from_url(cls, url: str) -> S3Driver:
-        """Build from ``s3://bucket/prefix?endpoint_url=...&region=...&max_concurrency=16``."""
+        """Build from ``s3://bucket/prefix?endpoint_url=...&region=...`` (also
+        ``max_concurrency=16`` and ``conditional_writes=false``)."""
         from urllib.parse import parse_qs, urlsplit
 
         parts = urlsplit(url)
         query = {name: values[-1] for name, values in parse_qs(parts.query).items()}
-        unknown = set(query) - {"endpoint_url", "region", "max_concurrency"}
+        unknown = set(query) - {"endpoint_url", "region", "max_concurrency", "conditional_writes"}
         if unknown:
             raise ValueError(f"unknown option(s) in S3 URL {url!r}: {', '.join(sorted(unknown))}")
         if not parts.netloc:
             raise ValueError(f"S3 URL {url!r} names no bucket (s3://bucket/prefix)")
+        conditional = query.get("conditional_writes", "true").lower()
+        if conditional not in ("true", "false", "1", "0"):
+            raise ValueError(f"conditional_writes must be true or false in S3 URL {url!r}")
         return cls(
             parts.netloc,
             prefix=parts.path,
             endpoint_url=query.get("endpoint_url"),
             region=query.get("region"),
             max_concurrency=int(query.get("max_concurrency", 16)),
+            conditional_writes=conditional in ("true", "1"),
         )
 
     def __repr__(self) -> str:
@@ -145,7 +168,11 @@ class S3Driver(Driver):
                 from aiobotocore.config import AioConfig
 
                 options = dict(self._client_options)
-                config = AioConfig(max_pool_connections=max(self.max_concurrency, 10))
+                config = AioConfig(
+                    max_pool_connections=max(self.max_concurrency, 10),
+                    retries={"mode": "standard", "max_attempts": 3},
+                    connect_timeout=5,
+                )
                 if options.get("config") is not None:
                     config = config.merge(options["config"])
                 options["config"] = config
@@ -247,7 +274,7 @@ class S3Driver(Driver):
     ) -> None:
         if if_match is not None:
             s3_etag, _, expiry = if_match.partition("@")
-            if expiry and _parse_float(expiry, 0.0) <= time.time():
+            if expiry and _parse_float(expiry) <= time.time():
                 raise ConditionFailedError(f"key {key!r} has expired")
             if not await self._put(key, value, expires_at, IfMatch=f'"{s3_etag}"'):
                 raise ConditionFailedError(f"etag of {key!r} does not match")
@@ -487,11 +514,11 @@ def _encode(key: str) -> str:
     return "/".join(quote(segment, safe=_SAFE) for segment in key.split(":"))
 
 
-def _parse_float(text: str, default: float) -> float:
+def _parse_float(text: str) -> float:
     try:
         return float(text)
     except ValueError:
-        return default
+        return math.inf  # not one of our etags: S3 will find that it does not match
 
 
 def _code(exc: ClientError) -> str:
