@@ -343,6 +343,7 @@ class S3Driver(Driver):
         return await self.remove_many([key]) == 1
 
     async def remove_many(self, keys: Sequence[str]) -> int:
+        keys = list(dict.fromkeys(keys))
         stats = await self._map(self.head, keys)
         found = [key for key, stat in zip(keys, stats, strict=True) if stat is not None]
         for start in range(0, len(found), _DELETE_BATCH):
@@ -375,14 +376,9 @@ class S3Driver(Driver):
             )
 
     async def clear(self, base: str = "") -> None:
-        names: list[str] = []
-        async for name, _ in self._list(base, None):
-            names.append(name)
-            if len(names) == _DELETE_BATCH:
-                await self._delete(names)
-                names = []
-        if names:
-            await self._delete(names)
+        async for page in self._pages(base, None):
+            for start in range(0, len(page), _DELETE_BATCH):
+                await self._delete([name for name, _, _ in page[start : start + _DELETE_BATCH]])
 
     async def sweep(self, base: str = "") -> int:
         async def delete_if_expired(item: tuple[str, str, int]) -> bool:
@@ -426,14 +422,6 @@ class S3Driver(Driver):
             for _, key, _ in page:
                 if key not in expired:
                     yield key
-
-    async def _list(
-        self, base: str, max_depth: int | None
-    ) -> AsyncGenerator[tuple[str, str], None]:
-        """Yield ``(object name, key)`` for every object of a key under ``base``."""
-        async for page in self._pages(base, max_depth):
-            for name, key, _ in page:
-                yield name, key
 
     async def _pages(
         self, base: str, max_depth: int | None
