@@ -25,6 +25,7 @@ CREDENTIALS = {
     "AWS_DEFAULT_REGION": "us-east-1",
 }
 REGION = "us-east-1"
+_session: Any = None
 
 
 def _free_port() -> int:
@@ -65,11 +66,12 @@ def s3_endpoint() -> Iterator[str]:
 @pytest.fixture
 async def s3_client(s3_endpoint: str) -> AsyncIterator[Any]:
     """A raw aiobotocore S3 client on the moto server."""
-    from aiobotocore.session import get_session
+    global _session
+    if _session is None:  # one session: it caches the parsed service model (~0.1 s)
+        from aiobotocore.session import get_session
 
-    async with get_session().create_client(
-        "s3", region_name=REGION, endpoint_url=s3_endpoint
-    ) as client:
+        _session = get_session()
+    async with _session.create_client("s3", region_name=REGION, endpoint_url=s3_endpoint) as client:
         yield client
 
 
