@@ -201,6 +201,23 @@ async def test_expired_objects_are_hidden_and_swept(
     await store.dispose()
 
 
+async def test_remove_counts_live_objects_and_deletes_expired_ones(
+    driver: S3Driver, s3_client: Any, s3_bucket: str
+) -> None:
+    store = create_storage(driver)
+    await store.set_item("dead", 1, ttl=1)
+    await store.set_items({"a": 1, "b": 2})
+
+    async def expired() -> bool:
+        return not await store.has_item("dead")
+
+    await eventually(expired, within=3.0)
+    assert await store.remove_item("dead") is False
+    assert await store.remove_items(["a", "a", "/a/", "b", "nope"]) == 2
+    assert await _names(s3_client, s3_bucket) == []
+    await store.dispose()
+
+
 async def test_if_absent_replaces_an_expired_object_once(driver: S3Driver) -> None:
     store = create_storage(driver)
     await store.set_item("lock", True, ttl=1)
