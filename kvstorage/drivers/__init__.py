@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from .fs import FSDriver
     from .memory import MemoryDriver
     from .redis import RedisDriver  # type: ignore[import-not-found]  # not written yet
-    from .s3 import S3Driver  # type: ignore[import-not-found]  # not written yet
+    from .s3 import S3Driver
     from .sqlite import SQLiteDriver
 
 __all__ = ["FSDriver", "MemoryDriver", "RedisDriver", "S3Driver", "SQLiteDriver", "from_url"]

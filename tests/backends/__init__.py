@@ -36,6 +36,7 @@ BACKENDS: list[BackendSpec] = [
     BackendSpec("memory", "memory_driver_factory", ("asyncio", "trio")),
     BackendSpec("fs", "fs_driver_factory", ("asyncio", "trio"), shared=True),
     BackendSpec("sqlite", "sqlite_driver_factory", ("asyncio",), shared=True),
+    BackendSpec("s3", "s3_driver_factory", ("asyncio",), shared=True),
 ]
 
 
