@@ -28,6 +28,7 @@ from kvstorage import (
 )
 from kvstorage.drivers import FSDriver, from_url
 
+from . import reliability
 from .helpers import eventually
 
 pytestmark = pytest.mark.anyio
@@ -430,6 +431,7 @@ def test_a_killed_writer_never_leaves_a_torn_value(base: Path) -> None:
         record = anyio.run(reader.get, "k")
         assert record is not None and record.value in expected
         assert anyio.run(_keys, reader) == ["k"]  # leftover temp files are not keys
+        reliability.record("faults", "fs: SIGKILL during 1 MiB overwrites", kills=1, intact=1)
     reader.stale_temp_after = 0.0
     anyio.run(reader.sweep)
     assert sorted(p.name for p in base.iterdir()) == [":locks", ":ttl", "k"]
@@ -467,3 +469,6 @@ def test_two_processes_increment_exactly(base: Path, tmp_path: Path) -> None:
     record = anyio.run(driver.get, "counter")
     anyio.run(driver.dispose)
     assert record is not None and record.value == b"400"
+    reliability.record(
+        "concurrency", "fs: 2 processes x 200 update_item", expected=400, final=int(record.value)
+    )

@@ -92,3 +92,7 @@ async def _load(name: str, base_url: str) -> None:
 
 async def test_load_fs(serve: object, tmp_path: Path) -> None:
     await _load("fs", serve(f"file://{tmp_path / 'sessions'}"))  # type: ignore[operator]
+
+
+async def test_load_sqlite(serve: object, tmp_path: Path) -> None:
+    await _load("sqlite", serve(f"sqlite:///{tmp_path / 'sessions.db'}"))  # type: ignore[operator]

@@ -26,6 +26,7 @@ from kvstorage import (
 from kvstorage.drivers import SQLiteDriver, from_url
 from kvstorage.drivers.sqlite import SCHEMA_VERSION
 
+from . import reliability
 from .helpers import eventually
 
 pytestmark = pytest.mark.anyio
@@ -423,6 +424,7 @@ async def test_killed_writer_never_leaves_a_torn_value(db_path: Path) -> None:
         assert record is not None and record.value in values
         assert await driver.head("blob") is not None
         await driver.dispose()
+        reliability.record("faults", "sqlite: SIGKILL during 1 MiB overwrites", kills=1, intact=1)
     assert query(db_path, "PRAGMA integrity_check") == [("ok",)]
 
 
@@ -446,7 +448,11 @@ async def test_two_processes_increment_exactly(db_path: Path) -> None:
             if child.returncode is None:
                 child.kill()
             await child.aclose()
-    assert await store.get_item("counter") == 400
+    final = await store.get_item("counter")
+    assert final == 400
+    reliability.record(
+        "concurrency", "sqlite: 2 processes x 200 update_item", expected=400, final=final
+    )
     await store.dispose()
 
 
