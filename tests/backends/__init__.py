@@ -34,6 +34,8 @@ class BackendSpec:
 
 BACKENDS: list[BackendSpec] = [
     BackendSpec("memory", "memory_driver_factory", ("asyncio", "trio")),
+    BackendSpec("redis", "redis_driver_factory", ("asyncio",), shared=True),
+    BackendSpec("redis_cluster", "redis_cluster_driver_factory", ("asyncio",), shared=True),
 ]
 
 
