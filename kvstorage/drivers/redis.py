@@ -71,6 +71,7 @@ AnyRedis = Redis | RedisCluster
 _MAGIC = b"KVS\x01"
 _HEADER = struct.Struct("<16sdd")  # magic + etag, mtime, expiry
 _HEADER_SIZE = _HEADER.size
+_TIMES = struct.Struct("<dd")  # mtime, expiry (at offset 16)
 _EXPIRY = struct.Struct("<d")
 _UNREACHABLE = (ConnectionError, TimeoutError, ClusterDownError, OSError)
 _SCAN_COUNT = 1000
@@ -134,6 +135,18 @@ def _pxat(expires_at: float | None) -> int | None:
     """``expires_at`` in Unix milliseconds, rounded down so that Redis never keeps a key
     longer than its header says, for ``PXAT`` / ``PEXPIREAT``."""
     return None if expires_at is None else math.floor(expires_at * 1000)
+
+
+def _valid(data: bytes) -> bool:
+    return data.startswith(_MAGIC) and len(data) >= _HEADER_SIZE
+
+
+def _decode(data: bytes) -> Record:
+    """The record stored in ``data`` (header + value); ValueError if it has no header."""
+    if not data.startswith(_MAGIC) or len(data) < _HEADER_SIZE:
+        raise ValueError("no kvstorage header")
+    mtime, expires_at = _TIMES.unpack_from(data, 16)
+    return Record(data[_HEADER_SIZE:], data[4:16].hex(), mtime, expires_at or None)
 
 
 def _token(etag: str) -> bytes | None:
@@ -211,6 +224,8 @@ class RedisDriver(Driver):
             raise ValueError(f"not a redis URL: {url!r}")
         if client is not None:
             cluster = isinstance(client, RedisCluster)
+            if client.get_encoder().decode_responses:
+                raise ValueError("the redis client must not decode responses (bytes in, out)")
         self.base = normalize_base(base)
         self._ns = self.base + ":" if self.base else ""
         self._cluster = cluster
@@ -254,8 +269,6 @@ class RedisDriver(Driver):
         async with self._lock:
             if self._client is None:
                 client = self._given or self._open()
-                if client.get_encoder().decode_responses:
-                    raise ValueError("the redis client must not decode responses")
                 if isinstance(client, RedisCluster):
                     await client.initialize()
                 self._client = client
@@ -314,7 +327,12 @@ class RedisDriver(Driver):
             data = await self._read(self._ns + key)
         except _UNREACHABLE as exc:
             raise self._unavailable(exc) from exc
-        return None if data is None else self._record(data, key)
+        if data is None:
+            return None
+        try:
+            return _decode(data)
+        except ValueError:
+            raise self._foreign(key) from None
 
     async def _read(self, name: str) -> bytes | None:
         if not self._reading:
@@ -361,13 +379,9 @@ class RedisDriver(Driver):
         finally:
             self._reading -= 1
 
-    def _record(self, data: bytes, key: str) -> Record:
-        if data[:4] != _MAGIC or len(data) < _HEADER_SIZE:
-            raise DriverError(
-                f"the value at {self._ns + key!r} was not written by kvstorage", driver=self.name
-            )
-        etag, mtime, expires_at = _HEADER.unpack_from(data)
-        return Record(data[_HEADER_SIZE:], etag[4:].hex(), mtime, expires_at or None)
+    def _foreign(self, key: str) -> DriverError:
+        where = self._ns + key
+        return DriverError(f"the value at {where!r} was not written by kvstorage", driver=self.name)
 
     async def head(self, key: str) -> Stat | None:
         try:
@@ -377,7 +391,10 @@ class RedisDriver(Driver):
         if reply is None:
             return None
         header, length = reply
-        record = self._record(header, key)
+        try:
+            record = _decode(header)
+        except ValueError:
+            raise self._foreign(key) from None
         return Stat(length - _HEADER_SIZE, record.etag, record.mtime, record.expires_at)
 
     async def set(
@@ -459,11 +476,11 @@ class RedisDriver(Driver):
             values = await self._mget([ns + key for key in keys])
         except _UNREACHABLE as exc:
             raise self._unavailable(exc) from exc
-        record = self._record
-        return [
-            None if data is None else record(data, key)
-            for key, data in zip(keys, values, strict=True)
-        ]
+        try:
+            return [None if data is None else _decode(data) for data in values]
+        except ValueError:
+            bad = next(k for k, v in zip(keys, values, strict=True) if v and not _valid(v))
+            raise self._foreign(bad) from None
 
     async def set_many(
         self, items: Sequence[tuple[str, bytes]], *, expires_at: float | None = None
