@@ -238,6 +238,8 @@ async def test_outage_and_restart(tmp_path: object) -> None:
     server = RedisServer(free_port(), Path(str(tmp_path)) / "outage")
     server.start()
     store: Storage = create_storage(RedisDriver(server.url, base="app"))
+    events: list[tuple[str, str]] = []
+    await store.watch(lambda event, key: events.append((event, key)))
     try:
         await store.set_item("k", 1)
         server.stop()
@@ -251,9 +253,30 @@ async def test_outage_and_restart(tmp_path: object) -> None:
         await store.set_item("k", 3)
         assert await store.get_item("k") == 3
         assert await store.get_items(["k"]) == {"k": 3}
+
+        async def watching_again() -> bool:  # the watcher reconnects and re-enables events
+            await store.set_item("again", 1)
+            return ("update", "again") in events
+
+        await eventually(watching_again, within=5)
     finally:
         await store.dispose()
         server.stop()
+
+
+async def test_hung_server_fails_within_the_timeout() -> None:
+    import socket
+
+    with socket.socket() as listener:  # accepts connections (backlog), never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        port = listener.getsockname()[1]
+        store = create_storage(RedisDriver(f"redis://127.0.0.1:{port}/0", timeout=0.5))
+        started = time.monotonic()
+        with pytest.raises(DriverUnavailableError, match=f"127.0.0.1:{port}"):
+            await store.get_item("k")
+        assert time.monotonic() - started < 2
+        await store.dispose()
 
 
 async def test_watch_reports_other_writers_and_expiry(

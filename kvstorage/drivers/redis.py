@@ -182,9 +182,10 @@ class RedisDriver(Driver):
             Nothing outside it is ever read, listed or deleted. ``""`` uses the whole
             database.
         cluster: connect to ``url`` as a Redis Cluster (implied by ``redis+cluster://``).
-        timeout: seconds to connect and to wait for a reply. A call to an unreachable
-            server raises :class:`~kvstorage.errors.DriverUnavailableError` after at most
-            about twice this (one reconnect attempt), naming the address.
+        timeout: seconds to connect and to wait for a reply. A call to a server that is
+            down, unreachable or hung raises
+            :class:`~kvstorage.errors.DriverUnavailableError` naming the address within
+            about this time.
         **options: passed to ``Redis.from_url`` / ``RedisCluster``.
 
     Values live in a 32-byte header + value layout (see the module docstring). A broken
@@ -285,7 +286,10 @@ class RedisDriver(Driver):
         if self._cluster:
             client = self._open_cluster(options)
         else:
-            options.setdefault("retry", Retry(ExponentialBackoff(cap=0.5, base=0.05), 1))
+            # One quick retry after a broken connection (a restarted server), none after a
+            # timeout, so that a call fails within about `timeout`.
+            retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), 1, (ConnectionError,))
+            options.setdefault("retry", retry)
             client = Redis.from_url(self._url, **options)
         return client
 
@@ -366,12 +370,14 @@ class RedisDriver(Driver):
         self._reading += 1
         try:
             values = await self._mget(names)
-        except BaseException as exc:
+        except Exception as exc:
             for future in futures:
                 if not future.done():
                     future.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
         else:
             for future, value in zip(futures, values, strict=True):
                 if not future.done():
@@ -580,7 +586,7 @@ class RedisDriver(Driver):
         except _UNREACHABLE as exc:
             raise self._unavailable(exc) from exc
         task = asyncio.get_running_loop().create_task(
-            self._listen(pubsub, emit, len(channel.encode()))
+            self._listen(client, pubsub, emit, len(channel.encode()))
         )
 
         async def stop() -> None:
@@ -614,7 +620,7 @@ class RedisDriver(Driver):
                 driver=self.name,
             ) from exc
 
-    async def _listen(self, pubsub: PubSub, emit: EmitEvent, strip: int) -> None:
+    async def _listen(self, client: Redis, pubsub: PubSub, emit: EmitEvent, strip: int) -> None:
         events: dict[bytes, Literal["update", "remove"]] = {
             b"set": "update",
             b"del": "remove",
@@ -625,7 +631,11 @@ class RedisDriver(Driver):
             try:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
             except _UNREACHABLE:
-                await asyncio.sleep(0.5)  # the server is gone: retry (redis-py resubscribes)
+                # The server went away. Retry until it is back; a restarted server has lost
+                # its notification flags, so set them again (redis-py resubscribes itself).
+                await asyncio.sleep(0.5)
+                with contextlib.suppress(*_UNREACHABLE):
+                    await self._enable_notifications(client)
                 continue
             if message is None or message["type"] != "pmessage":
                 continue
