@@ -279,6 +279,17 @@ async def test_hung_server_fails_within_the_timeout() -> None:
         await store.dispose()
 
 
+async def test_unreachable_cluster_is_reported() -> None:
+    port = free_port()
+    driver = RedisDriver(f"redis+cluster://127.0.0.1:{port}?socket_connect_timeout=1")
+    store = create_storage(driver)
+    started = time.monotonic()
+    with pytest.raises(DriverUnavailableError, match=f"127.0.0.1:{port}"):
+        await store.get_item("k")
+    assert time.monotonic() - started < 5
+    await store.dispose()
+
+
 async def test_watch_reports_other_writers_and_expiry(
     redis_server: RedisServer, raw: Redis
 ) -> None:

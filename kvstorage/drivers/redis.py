@@ -11,12 +11,21 @@ holding a 32-byte header followed by the value bytes::
     16      8     mtime  float64 little-endian, Unix seconds of the write
     24      8     expiry float64 little-endian, Unix seconds, 0.0 = none
 
-So a read is one ``GET``, a write one ``SET`` (``PX`` for the TTL, which Redis enforces
-natively), a batch one ``MGET`` / ``MSET`` -- the same commands and round trips as a bare
-client. Only ``if_match`` writes (a Lua script comparing the first 16 bytes), ``touch`` (a
-script rewriting the expiry field in place with ``SETRANGE`` and calling ``PEXPIRE`` /
-``PERSIST``) and ``head`` (a script reading header and length) run scripts, with
-``EVALSHA`` and an ``EVAL`` fallback. ``if_absent`` is ``SET NX``.
+So a read is one ``GET``, a write one ``SET`` (with ``PXAT``: Redis expires the key
+itself, to the millisecond), a batch one ``MGET`` / ``MSET`` -- the same commands and round
+trips as a bare client. Only ``if_match`` writes (a Lua script comparing the first 16
+bytes), ``touch`` (a script rewriting the expiry field in place with ``SETRANGE`` and
+calling ``PEXPIREAT`` / ``PERSIST``) and ``head`` (a script reading header and length) run
+scripts, with ``EVALSHA`` and an ``EVAL`` fallback. ``if_absent`` is ``SET NX``. Values
+written by other tools under ``base`` (without the header) raise ``DriverError`` when read.
+
+Expiry is an absolute time (``PXAT``, rounded down to the millisecond), so Redis drops a key
+no later than the header says; this needs Redis 6.2+ and clocks on clients and server that
+agree (NTP).
+
+Listing uses ``SCAN`` with ``MATCH <escaped base>:*`` and ``COUNT 1000``, streamed. Like
+``SCAN`` itself, a key may in rare cases be listed twice when the database shrinks during
+the scan (deduplicating would mean holding every key in memory).
 
 Cluster
 -------
@@ -44,11 +53,12 @@ import struct
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, Literal, cast
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.crc import key_slot
@@ -56,6 +66,7 @@ from redis.exceptions import (
     ClusterDownError,
     ConnectionError,
     NoScriptError,
+    RedisClusterException,
     ResponseError,
     TimeoutError,
 )
@@ -271,7 +282,10 @@ class RedisDriver(Driver):
             if self._client is None:
                 client = self._given or self._open()
                 if isinstance(client, RedisCluster):
-                    await client.initialize()
+                    try:
+                        await client.initialize()
+                    except (RedisClusterException, *_UNREACHABLE) as exc:
+                        raise self._unavailable(exc) from exc
                 self._client = client
         return self._client
 
@@ -298,11 +312,12 @@ class RedisDriver(Driver):
         if parts.scheme.lower() != "redis+cluster":
             return RedisCluster.from_url(self._url, **options)
         userinfo, _, hosts = parts.netloc.rpartition("@")
-        if userinfo:
-            username, _, password = userinfo.partition(":")
-            options.setdefault("username", unquote(username) or None)
-            options.setdefault("password", unquote(password) or None)
-        options.update(dict(parse_qsl(parts.query)))
+        # redis-py parses credentials and typed query options of a one-host URL
+        first = (userinfo + "@" if userinfo else "") + hosts.split(",")[0]
+        parsed = dict(parse_url(urlunsplit(("redis", first, "", parts.query, ""))))
+        for name in ("host", "port", "db"):
+            parsed.pop(name, None)
+        options = {**parsed, **options}
         nodes = []
         for address in hosts.split(","):
             host, _, port = address.rpartition(":")
@@ -319,7 +334,7 @@ class RedisDriver(Driver):
             if "path" in kwargs:
                 return f"redis at unix:{kwargs['path']}"
             return f"redis at {kwargs.get('host')}:{kwargs.get('port')}/{kwargs.get('db', 0)}"
-        return repr(self)
+        return "redis " + repr(self)
 
     def _unavailable(self, exc: BaseException) -> DriverUnavailableError:
         return DriverUnavailableError(f"cannot reach {self._where()}: {exc}", driver=self.name)
@@ -485,7 +500,9 @@ class RedisDriver(Driver):
         try:
             return [None if data is None else _decode(data) for data in values]
         except ValueError:
-            bad = next(k for k, v in zip(keys, values, strict=True) if v and not _valid(v))
+            bad = next(
+                k for k, v in zip(keys, values, strict=True) if v is not None and not _valid(v)
+            )
             raise self._foreign(bad) from None
 
     async def set_many(
