@@ -48,7 +48,7 @@ import asyncio
 import contextlib
 import hashlib
 import math
-import os
+import random
 import struct
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
@@ -84,6 +84,7 @@ _HEADER = struct.Struct("<16sdd")  # magic + etag, mtime, expiry
 _HEADER_SIZE = _HEADER.size
 _TIMES = struct.Struct("<dd")  # mtime, expiry (at offset 16)
 _EXPIRY = struct.Struct("<d")
+_random_bits = random.getrandbits
 _UNREACHABLE = (ConnectionError, TimeoutError, ClusterDownError, OSError)
 _SCAN_COUNT = 1000
 #: Keyspace events a watcher needs: K keyspace channel, g generic (del), $ strings (set),
@@ -139,7 +140,9 @@ return {{header, redis.call('STRLEN', KEYS[1])}}
 
 
 def _pack(value: bytes, expires_at: float | None) -> bytes:
-    return _HEADER.pack(_MAGIC + os.urandom(12), time.time(), expires_at or 0.0) + value
+    # 96 random bits: unique, not secret (the random module reseeds in forked children)
+    etag = _MAGIC + _random_bits(96).to_bytes(12, "little")
+    return _HEADER.pack(etag, time.time(), expires_at or 0.0) + value
 
 
 def _pxat(expires_at: float | None) -> int | None:

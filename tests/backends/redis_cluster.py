@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -16,7 +17,7 @@ import pytest
 
 from kvstorage.drivers import RedisDriver
 
-from . import DriverFactory
+from . import DriverFactory, require_service
 from .redis import RedisServer, free_port, require_redis, unique_base
 
 
@@ -44,6 +45,7 @@ def _cluster_ok(port: int) -> bool:
 @pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
     require_redis()
+    require_service(shutil.which("redis-cli") is not None, "redis-cli")
     root = tmp_path_factory.mktemp("redis-cluster")
     nodes = []
     for i in range(3):
