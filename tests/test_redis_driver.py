@@ -75,11 +75,30 @@ async def test_glob_characters_are_escaped(redis_server: RedisServer, raw: Redis
         assert await store.get_keys() == []
         for other in lookalikes:
             assert await create_storage(other).get_item("victim") == 1
+        # the keyspace-notification pattern is escaped too
+        events: list[tuple[str, str]] = []
+        unwatch = await store.watch(lambda event, key: events.append((event, key)))
+        await create_storage(lookalikes[0]).set_item("victim", 2)
+        await store.set_item("mine", 1)  # notifications arrive in order: this one comes last
+        await eventually(lambda: _contains(events, ("update", "mine")))
+        assert events == [("update", "mine")]
+        await unwatch()
     finally:
         for other in lookalikes:
             await other.clear()
             await other.dispose()
         await store.dispose()
+
+
+async def _contains(events: list[tuple[str, str]], event: tuple[str, str]) -> bool:
+    return event in events
+
+
+def test_glob_escape() -> None:
+    from kvstorage.drivers.redis import _glob_escape
+
+    assert _glob_escape("a*b?c[d]e\\f") == "a\\*b\\?c\\[d\\]e\\\\f"
+    assert _glob_escape("plain:key") == "plain:key"
 
 
 async def test_etag_survives_other_writers_and_if_match(redis_server: RedisServer) -> None:
