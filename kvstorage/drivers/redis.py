@@ -345,8 +345,17 @@ class RedisDriver(Driver):
     # -- single items ---------------------------------------------------------------------
 
     async def get(self, key: str) -> Record | None:
+        name = self._ns + key
         try:
-            data = await self._read(self._ns + key)
+            if self._reading:
+                data = await self._join_batch(name)
+            else:
+                self._reading += 1
+                try:
+                    client = self._client or await self._connect()
+                    data = cast("bytes | None", await client.get(name))
+                finally:
+                    self._reading -= 1
         except _UNREACHABLE as exc:
             raise self._unavailable(exc) from exc
         if data is None:
@@ -356,16 +365,9 @@ class RedisDriver(Driver):
         except ValueError:
             raise self._foreign(key) from None
 
-    async def _read(self, name: str) -> bytes | None:
-        if not self._reading:
-            self._reading += 1
-            try:
-                client = self._client or await self._connect()
-                data = cast("bytes | None", await client.get(name))
-            finally:
-                self._reading -= 1
-            return data
-        # Another read is on the wire: join the batch collected during this loop tick.
+    async def _join_batch(self, name: str) -> bytes | None:
+        """Another read is on the wire: join the batch collected during this loop tick
+        (sent as one MGET when the loop gets to it)."""
         loop = asyncio.get_running_loop()
         if self._batch is None:
             self._batch = ([], [])
