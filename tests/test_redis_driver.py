@@ -339,6 +339,54 @@ async def test_watch_reports_other_writers_and_expiry(
         await store.dispose()
 
 
+async def test_watch_needs_keyspace_events(redis_server: RedisServer, raw: Redis) -> None:
+    store = create_storage(RedisDriver(redis_server.url, base=unique_base()))
+    flags = (await raw.config_get("notify-keyspace-events"))["notify-keyspace-events"]
+    await raw.config_set("notify-keyspace-events", "")
+    await raw.acl_setuser(
+        "noconfig",
+        enabled=True,
+        nopass=True,
+        commands=["+@all", "-config|set"],
+        keys=["*"],
+        channels=["*"],
+    )
+    limited = create_storage(
+        RedisDriver(f"redis://noconfig@127.0.0.1:{redis_server.port}/0", base=unique_base())
+    )
+    try:
+        with pytest.raises(DriverError, match=r"notify-keyspace-events Kg\$xe"):
+            await limited.watch(lambda event, key: None)
+        events: list[tuple[str, str]] = []
+        await store.watch(lambda event, key: events.append((event, key)))  # turns them on
+        enabled = (await raw.config_get("notify-keyspace-events"))["notify-keyspace-events"]
+        assert set("Kg$xe") <= set(enabled)
+        await store.set_item("k", 1)
+        await eventually(lambda: _contains(events, ("update", "k")))
+    finally:
+        await limited.dispose()
+        await store.dispose()
+        await raw.acl_deluser("noconfig")
+        await raw.config_set("notify-keyspace-events", flags)
+
+
+async def test_watch_with_config_disabled_trusts_the_server(tmp_path: object) -> None:
+    from pathlib import Path
+
+    args = ("--rename-command", "CONFIG", "", "--notify-keyspace-events", "KEA")
+    server = RedisServer(free_port(), Path(str(tmp_path)) / "noconfig", args)
+    server.start()
+    store = create_storage(RedisDriver(server.url, base="app"))
+    events: list[tuple[str, str]] = []
+    try:
+        await store.watch(lambda event, key: events.append((event, key)))
+        await store.set_item("k", 1)
+        await eventually(lambda: _contains(events, ("update", "k")))
+    finally:
+        await store.dispose()
+        server.stop()
+
+
 @pytest.mark.parametrize("anyio_backend", ["trio"])
 async def test_trio_is_refused_clearly(redis_server: RedisServer) -> None:
     store = create_storage(RedisDriver(redis_server.url, base=unique_base()))

@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import math
 import random
 import struct
@@ -76,6 +77,8 @@ from ..errors import ConditionFailedError, DriverError, DriverUnavailableError
 from ..keys import normalize_base
 
 __all__ = ["RedisDriver"]
+
+logger = logging.getLogger("kvstorage")
 
 AnyRedis = Redis | RedisCluster
 
@@ -206,8 +209,9 @@ class RedisDriver(Driver):
     connection is re-established on the next call, so a restarted server is picked up
     without a new driver. ``watch`` (standalone only) uses keyspace notifications: it turns
     on the ``notify-keyspace-events`` flags ``Kg$xe`` with ``CONFIG SET`` (adding to what
-    is set, never removing); where ``CONFIG`` is not allowed, the server must be configured
-    with them.
+    is set, never removing) and raises :class:`~kvstorage.errors.DriverError` when they
+    are missing and cannot be set. Where ``CONFIG`` is disabled altogether (managed
+    services), the server must be configured with them; a warning is logged.
     """
 
     name = "redis"
@@ -596,16 +600,17 @@ class RedisDriver(Driver):
         client = self._client or await self._connect()
         if isinstance(client, RedisCluster):
             raise NotImplementedError("the redis driver does not watch a cluster")
+        db = client.connection_pool.connection_kwargs.get("db", 0)
+        channel = f"__keyspace@{db}__:{self._ns}"
+        pubsub = client.pubsub()
         try:
             await self._enable_notifications(client)
-            db = client.connection_pool.connection_kwargs.get("db", 0)
-            channel = f"__keyspace@{db}__:{self._ns}"
-            pubsub = client.pubsub()
             await pubsub.psubscribe(f"__keyspace@{db}__:{_glob_escape(self._ns)}*")
             # Wait for the confirmation: from then on, every write is reported.
-            while await pubsub.get_message(timeout=self._timeout) is None:
-                pass
+            if await pubsub.get_message(timeout=self._timeout) is None:
+                raise TimeoutError("no reply to PSUBSCRIBE")
         except _UNREACHABLE as exc:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
             raise self._unavailable(exc) from exc
         task = asyncio.get_running_loop().create_task(
             self._listen(client, pubsub, emit, len(channel.encode()))
@@ -624,8 +629,15 @@ class RedisDriver(Driver):
     async def _enable_notifications(self, client: Redis) -> None:
         try:
             reply = await client.config_get("notify-keyspace-events")
-        except ResponseError:
-            reply = {}
+        except ResponseError as exc:  # CONFIG is disabled (managed services): trust the server
+            logger.warning(
+                "cannot read notify-keyspace-events on %s (%s); watching relies on the "
+                "server publishing keyspace events %s",
+                self._where(),
+                exc,
+                _NOTIFY_FLAGS,
+            )
+            return
         flags = next(iter(reply.values()), b"")
         flags = flags.decode() if isinstance(flags, bytes) else str(flags)
         covered = set(flags) | (set("g$xe") if "A" in flags else set())
