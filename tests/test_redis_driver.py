@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import anyio
 import pytest
@@ -251,10 +252,8 @@ async def test_cluster_given_client_and_scan_every_node(redis_cluster: ClusterPr
         await client.aclose()
 
 
-async def test_outage_and_restart(tmp_path: object) -> None:
-    from pathlib import Path
-
-    server = RedisServer(free_port(), Path(str(tmp_path)) / "outage")
+async def test_outage_and_restart(tmp_path: Path) -> None:
+    server = RedisServer(free_port(), tmp_path / "outage")
     server.start()
     store: Storage = create_storage(RedisDriver(server.url, base="app"))
     events: list[tuple[str, str]] = []
@@ -370,11 +369,9 @@ async def test_watch_needs_keyspace_events(redis_server: RedisServer, raw: Redis
         await raw.config_set("notify-keyspace-events", flags)
 
 
-async def test_watch_with_config_disabled_trusts_the_server(tmp_path: object) -> None:
-    from pathlib import Path
-
+async def test_watch_with_config_disabled_trusts_the_server(tmp_path: Path) -> None:
     args = ("--rename-command", "CONFIG", "", "--notify-keyspace-events", "KEA")
-    server = RedisServer(free_port(), Path(str(tmp_path)) / "noconfig", args)
+    server = RedisServer(free_port(), tmp_path / "noconfig", args)
     server.start()
     store = create_storage(RedisDriver(server.url, base="app"))
     events: list[tuple[str, str]] = []
