@@ -206,6 +206,21 @@ async def test_from_url(redis_server: RedisServer) -> None:
     assert "secret" not in repr(RedisDriver("redis://user:secret@127.0.0.1:1/0"))
 
 
+def test_url_forms_choose_the_client() -> None:
+    from redis.asyncio.connection import SSLConnection
+
+    tls = RedisDriver("rediss://127.0.0.1:1/0?base=x")._open()
+    assert isinstance(tls, Redis) and tls.connection_pool.connection_class is SSLConnection
+    cluster = RedisDriver("redis+cluster://u:p@127.0.0.1:1,127.0.0.1:2?base=x&socket_timeout=2")
+    assert cluster.base == "x" and not cluster.capabilities.watch
+    client = cluster._open()
+    assert isinstance(client, RedisCluster)
+    assert sorted(node.port for node in client.startup_nodes) == [1, 2]
+    kwargs = client.startup_nodes[0].connection_kwargs
+    assert kwargs["password"] == "p" and kwargs["socket_timeout"] == 2.0
+    assert RedisDriver("redis://127.0.0.1:1/0", cluster=True)._open().__class__ is RedisCluster
+
+
 async def test_cluster_batches_across_slots(redis_cluster: ClusterProcesses) -> None:
     base = unique_base()
     driver = RedisDriver(redis_cluster.url, base=base)

@@ -324,7 +324,7 @@ class RedisDriver(Driver):
         parsed = dict(parse_url(urlunsplit(("redis", first, "", parts.query, ""))))
         for name in ("host", "port", "db"):
             parsed.pop(name, None)
-        options = {**parsed, **options}
+        options = {**options, **parsed}  # as in redis-py, the URL wins
         nodes = []
         for address in hosts.split(","):
             host, _, port = address.rpartition(":")
