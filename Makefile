@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test bench lint typecheck check clean
+.PHONY: test bench bench-readme reliability lint typecheck check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,3 +29,11 @@ check: lint typecheck test
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+bench-readme: $(VENV)/.installed  ## rerun the full benchmark and refresh README's table
+	$(PY) -m benchmarks --drivers all --json bench.json --plot bench.png
+	$(PY) -m benchmarks.readme bench.json
+
+reliability: $(VENV)/.installed  ## run the tests and regenerate RELIABILITY.md from their figures
+	KVSTORAGE_RELIABILITY_JSON=reliability.json $(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m tests.reliability_report reliability.json

@@ -40,7 +40,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, NamedTuple
 
 from .errors import ConditionFailedError, DriverError
 
@@ -83,9 +83,12 @@ class Capabilities:
     asyncio_only: bool = False
 
 
-@dataclass(slots=True)
-class Record:
-    """A stored value with its etag and times, as a driver returns it. Treat as immutable."""
+class Record(NamedTuple):
+    """A stored value with its etag and times, as a driver returns it.
+
+    A named tuple: cheap to create, and untracked by the garbage collector, which matters
+    for drivers that keep millions of them (memory).
+    """
 
     value: bytes
     etag: str
@@ -95,8 +98,7 @@ class Record:
     """Absolute expiry, Unix seconds, or None."""
 
 
-@dataclass(slots=True)
-class Stat:
+class Stat(NamedTuple):
     """What :meth:`Driver.head` returns: a :class:`Record` without the value."""
 
     size: int

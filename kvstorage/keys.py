@@ -9,6 +9,7 @@ an empty key.
 
 from __future__ import annotations
 
+import functools
 import re
 
 from .errors import InvalidKeyError
@@ -43,8 +44,11 @@ def normalize_base(base: str) -> str:
     return key
 
 
+@functools.lru_cache(maxsize=16384)
 def normalize_key(key: str) -> str:
     """Normalize an item key; an empty result is rejected.
+
+    Results are cached (16,384 keys): hot keys skip the work entirely.
 
     >>> normalize_key("/users//42/")
     'users:42'

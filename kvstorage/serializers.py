@@ -59,6 +59,14 @@ def _unsupported(value: Any, name: str) -> SerializationError:
     )
 
 
+def _encoding_error(exc: Exception) -> SerializationError:
+    if isinstance(exc, SerializationError):
+        return exc
+    if isinstance(exc, RecursionError):
+        return SerializationError("value is nested too deeply")
+    return SerializationError(str(exc))
+
+
 def _check_json(value: Any) -> None:
     """Raise unless ``value`` is made only of JSON types (str keys, finite floats)."""
     kind = type(value)
@@ -98,12 +106,8 @@ class JSONSerializer:
             if type(value) not in _SCALARS:
                 _check_json(value)
             return _encode(value)
-        except RecursionError:
-            raise SerializationError("value is nested too deeply") from None
-        except (TypeError, ValueError, OverflowError) as exc:
-            if isinstance(exc, SerializationError):
-                raise
-            raise SerializationError(str(exc)) from exc
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+            raise _encoding_error(exc) from None
 
     def loads(self, data: bytes) -> Any:
         """Deserialize JSON bytes."""
@@ -207,12 +211,8 @@ class TaggedSerializer:
         """Serialize ``value``; raise :class:`SerializationError` for unsupported types."""
         try:
             return _encode(_tag(value))
-        except RecursionError:
-            raise SerializationError("value is nested too deeply") from None
-        except (TypeError, ValueError, OverflowError) as exc:
-            if isinstance(exc, SerializationError):
-                raise
-            raise SerializationError(str(exc)) from exc
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+            raise _encoding_error(exc) from None
 
     def loads(self, data: bytes) -> Any:
         """Deserialize bytes written by :meth:`dumps` (or plain JSON)."""

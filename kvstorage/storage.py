@@ -151,6 +151,11 @@ def _meta(size: int, etag: str, mtime: float | None, expires_at: float | None) -
     return Meta(size, etag, _utc(mtime), _utc(expires_at), ttl)
 
 
+def _entry(value: Any, record: Record) -> Entry:
+    meta = _meta(len(record.value), record.etag, record.mtime, record.expires_at)
+    return Entry(value, record.etag, meta)
+
+
 def _as_bytes(data: Any) -> bytes:
     if type(data) is bytes:
         return data
@@ -206,7 +211,10 @@ class Storage:
         """(normalized key as the caller sees it, mount, driver-relative key)."""
         nk = normalize_key(key)
         full = self._prefix + nk if self._prefix else nk
-        for mount in self._state.routes:
+        routes = self._state.routes
+        if len(routes) == 1:  # no mounts: the root takes every key
+            return nk, routes[0], full
+        for mount in routes:
             if full.startswith(mount.prefix):
                 return nk, mount, full[len(mount.prefix) :]
         raise AssertionError("the root mount always matches")  # pragma: no cover
@@ -287,7 +295,8 @@ class Storage:
         """
         nk, mount, rel = self._locate(key)
         data = mount.serializer.dumps(value)
-        await self._write(nk, mount, rel, data, _expires_at(ttl), if_absent, if_match)
+        expires_at = None if ttl is None else _expires_at(ttl)
+        await self._write(nk, mount, rel, data, expires_at, if_absent, if_match)
 
     async def set_item_raw(
         self,
@@ -331,8 +340,14 @@ class Storage:
         record = await self._get_record(mount, rel)
         if record is None:
             return None
-        meta = _meta(len(record.value), record.etag, record.mtime, record.expires_at)
-        return Entry(mount.serializer.loads(record.value), record.etag, meta)
+        return _entry(mount.serializer.loads(record.value), record)
+
+    async def get_entry_raw(self, key: str) -> Entry | None:
+        """Like :meth:`get_entry`, with the stored bytes unchanged as ``value`` (for callers
+        that serialize themselves, such as ``sessions``)."""
+        _, mount, rel = self._locate(key)
+        record = await self._get_record(mount, rel)
+        return None if record is None else _entry(record.value, record)
 
     async def update_item(
         self,

@@ -59,3 +59,9 @@ async def storage(make_driver: DriverFactory) -> AsyncIterator[Storage]:
     store = create_storage(make_driver())
     yield store
     await store.dispose()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    from .reliability import write_if_requested
+
+    write_if_requested()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 import anyio
+from hypothesis import strategies as st
 
 
 async def eventually(
@@ -17,3 +18,17 @@ async def eventually(
             await anyio.sleep(interval)
         return
     raise AssertionError(f"condition not met within {within} s")
+
+
+#: Any JSON value (finite floats, str keys), nested a few levels.
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5)
+    ),
+    max_leaves=20,
+)

@@ -14,7 +14,6 @@ from typing import Any
 import anyio
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from kvstorage import (
     ConditionFailedError,
@@ -28,7 +27,7 @@ from kvstorage import (
 )
 
 from .backends import DriverFactory
-from .helpers import eventually
+from .helpers import eventually, json_values
 
 pytestmark = pytest.mark.anyio
 
@@ -179,20 +178,7 @@ async def test_tagged_serializer_per_storage(make_driver: DriverFactory) -> None
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
-@given(
-    value=st.recursive(
-        st.none()
-        | st.booleans()
-        | st.integers()
-        | st.floats(allow_nan=False, allow_infinity=False)
-        | st.text(),
-        lambda children: (
-            st.lists(children, max_size=4)
-            | st.dictionaries(st.text(max_size=8), children, max_size=4)
-        ),
-        max_leaves=12,
-    )
-)
+@given(value=json_values)
 async def test_property_any_json_value_round_trips(storage: Storage, value: Any) -> None:
     await storage.set_item("prop", value)
     assert await storage.get_item("prop") == value
@@ -375,6 +361,10 @@ async def test_meta_and_entry(storage: Storage) -> None:
     assert meta.ttl is None and meta.expires_at is None
     assert await storage.get_meta("nope") is None
     assert await storage.get_entry("nope") is None
+    raw = await storage.get_entry_raw("m")
+    assert raw is not None and raw.etag == entry.etag
+    assert raw.value == await storage.get_item_raw("m")
+    assert await storage.get_entry_raw("nope") is None
 
 
 async def test_etag_changes_on_every_write(storage: Storage) -> None:

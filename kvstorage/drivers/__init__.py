@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, Any
 from ..driver import Driver
 
 if TYPE_CHECKING:
-    from .fs import FSDriver  # type: ignore[import-not-found]  # not written yet
+    from .fs import FSDriver
     from .memory import MemoryDriver
     from .redis import RedisDriver
-    from .s3 import S3Driver  # type: ignore[import-not-found]  # not written yet
-    from .sqlite import SQLiteDriver  # type: ignore[import-not-found]  # not written yet
+    from .s3 import S3Driver
+    from .sqlite import SQLiteDriver
 
 __all__ = ["FSDriver", "MemoryDriver", "RedisDriver", "S3Driver", "SQLiteDriver", "from_url"]
 

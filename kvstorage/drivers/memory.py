@@ -15,6 +15,11 @@ __all__ = ["MemoryDriver"]
 _versions = itertools.count(1)
 
 
+def _record(fields: tuple[bytes, str, float | None, float | None]) -> Record:
+    """Build a Record without the Python-level ``__new__`` of named tuples (hot path)."""
+    return tuple.__new__(Record, fields)
+
+
 class MemoryDriver(Driver):
     """Keeps every value in a dict of this process; nothing survives a restart.
 
@@ -62,6 +67,9 @@ class MemoryDriver(Driver):
         return record
 
     async def get(self, key: str) -> Record | None:
+        record = self._data.get(key)
+        if record is None or (record.expires_at is None and self._max_entries is None):
+            return record
         return self._live(key)
 
     async def get_many(self, keys: Sequence[str]) -> list[Record | None]:
@@ -90,7 +98,7 @@ class MemoryDriver(Driver):
             data.pop(key, None)
             while len(data) >= self._max_entries:
                 del data[next(iter(data))]
-        data[key] = Record(value, str(next(_versions)), time.time(), expires_at)
+        data[key] = _record((value, str(next(_versions)), time.time(), expires_at))
 
     async def set_many(
         self, items: Sequence[tuple[str, bytes]], *, expires_at: float | None = None

@@ -1,0 +1,299 @@
+"""`python -m benchmarks`: the standard workload on every driver, beside the raw client
+and the peers, measured in the same run.
+
+    python -m benchmarks                       # memory, fs, sqlite (no server needed)
+    python -m benchmarks --drivers all --quick # + redis and s3 on servers it starts itself
+    python -m benchmarks --json out.json --plot out.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import anyio
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from kvstorage import Storage, create_storage
+
+from . import targets, unstorage
+from .servers import moto_server, redis_server
+from .targets import Target
+from .workload import OPERATIONS, Row, run_scaling, run_workload
+
+LOCAL = ["memory", "fs", "sqlite"]
+ALL = [*LOCAL, "redis", "s3"]
+NODE_PEERS = {"memory", "fs", "redis"}
+console = Console(stderr=True)
+
+
+class Context:
+    """What the per-driver set-ups need: a scratch directory and server addresses."""
+
+    def __init__(self, tmp: Path, redis_url: str | None, s3_url: str | None) -> None:
+        self.tmp = tmp
+        self.redis_url = redis_url
+        self.s3_url = s3_url
+
+    def path(self, name: str) -> Path:
+        """A fresh path under the scratch directory."""
+        return self.tmp / f"{name}-{uuid.uuid4().hex[:8]}"
+
+
+Setup = tuple[Callable[[], Storage], list[Callable[[], Awaitable[Target | None]]]]
+
+
+async def _const(target: Target | None) -> Target | None:
+    return target
+
+
+def setup_driver(name: str, ctx: Context) -> Setup:
+    """(factory of our storage, factories of the comparison targets) for ``name``."""
+    from kvstorage import drivers
+
+    if name == "memory":
+        return create_storage, [
+            lambda: _const(targets.raw_memory()),
+            lambda: _const(targets.raw_memory_stdlib()),
+            lambda: _const(targets.peer_aiocache_memory()),
+            lambda: _const(targets.peer_pkv_memory()),
+        ]
+    if name == "fs":
+        return lambda: create_storage(drivers.FSDriver(ctx.path("fs"))), [
+            lambda: _const(targets.raw_fs(ctx.path("raw-fs"))),
+            lambda: _const(targets.peer_pkv_disk(ctx.path("pkv-disk"))),
+        ]
+    if name == "sqlite":
+        return lambda: create_storage(drivers.SQLiteDriver(ctx.path("kv.db"))), [
+            lambda: targets.raw_sqlite(ctx.path("raw.db")),
+        ]
+    if name == "redis":
+        url = ctx.redis_url
+        if url is None:
+            raise LookupError("redis-server is not installed")
+        return lambda: create_storage(drivers.RedisDriver(url, base=uuid.uuid4().hex[:8])), [
+            lambda: _const(targets.raw_redis(url)),
+            lambda: _const(targets.peer_aiocache_redis(url)),
+            lambda: _const(targets.peer_pkv_redis(url)),
+        ]
+    if name == "s3":
+        endpoint = ctx.s3_url
+        if endpoint is None:
+            raise LookupError("moto[server] is not installed")
+        bucket = f"bench-{uuid.uuid4().hex[:8]}"
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+
+        def ours() -> Storage:
+            driver = drivers.S3Driver(bucket, endpoint_url=endpoint, region="us-east-1")
+            return create_storage(driver)
+
+        return ours, [lambda: targets.raw_s3(endpoint, bucket)]
+    raise ValueError(f"unknown driver {name!r}; known: {', '.join(ALL)}")
+
+
+def scaling_sizes(name: str, quick: bool) -> list[int]:
+    """Key counts of the listing scaling run for ``name`` (none for s3)."""
+    if name == "s3":
+        return []
+    if quick:
+        return [10_000]
+    return [10_000, 100_000] if name == "fs" else [10_000, 100_000, 1_000_000]
+
+
+async def bench_driver(
+    name: str,
+    ctx: Context,
+    n: int,
+    quick: bool,
+    scaling: bool,
+    skip_node: bool,
+    progress: Progress,
+) -> list[Row]:
+    """Run the workload for one driver on ours, the raw client and the peers."""
+    try:
+        make_storage, others = setup_driver(name, ctx)
+        storage = make_storage()
+    except (LookupError, ImportError, NotImplementedError) as exc:
+        console.print(f"[yellow]skipping {name}: {exc}[/yellow]")
+        return []
+    count = n // 5 if name == "s3" else n
+    compared: list[Target] = [targets.ours("kvstorage", storage)]
+    for make in others:
+        target = await make()
+        if target is not None:
+            compared.append(target)
+    sizes = scaling_sizes(name, quick) if scaling else []
+    task = progress.add_task(name, total=len(compared) * len(OPERATIONS) + 2 * len(sizes))
+    rows: list[Row] = []
+    for target in compared:
+        try:
+            rows += await run_workload(name, target, count, lambda: progress.advance(task))
+        finally:
+            if target.kind != "ours":
+                await target.close()
+    if name in NODE_PEERS and not skip_node:
+        where = {"fs": str(ctx.path("unstorage-fs")), "redis": ctx.redis_url or ""}.get(name, "")
+        node_rows, problem = await unstorage.run(name, count, where)
+        if problem:
+            console.print(f"[yellow]unstorage peer skipped: {problem}[/yellow]")
+        rows += node_rows
+    for size in sizes:
+        rows += await run_scaling(name, storage, size, lambda: progress.advance(task))
+    await storage.dispose()
+    return rows
+
+
+async def bench_sessions(quick: bool, redis_url: str | None) -> list[Row]:
+    """The session middleware benchmark, when the sessions package provides it."""
+    try:
+        from . import sessions as session_bench
+    except ImportError:
+        return []
+    rows = []
+    for item in await session_bench.run(quick=quick, redis_url=redis_url):
+        rows.append(
+            Row(
+                str(item.get("group", "sessions")),
+                str(item["operation"]),
+                str(item["target"]),
+                "ours" if str(item["target"]).startswith("kvstorage") else "peer",
+                float(item["ops"]),  # type: ignore[arg-type]
+                0.0,
+                0,
+            )
+        )
+    return rows
+
+
+def ratio(ours: float | None, other: float | None) -> str:
+    """``ours / other`` formatted, or an empty cell."""
+    return f"{ours / other:.2f}x" if ours and other else ""
+
+
+def render(rows: list[Row]) -> None:
+    """Print one table per driver: ops/s of each target and our ratio to it."""
+    for driver in dict.fromkeys(row.driver for row in rows):
+        mine = [row for row in rows if row.driver == driver]
+        names = list(dict.fromkeys(row.target for row in mine if row.kind != "ours"))
+        table = Table(title=f"{driver} (ops/s; batches and listing count keys)")
+        table.add_column("operation")
+        table.add_column("kvstorage", justify="right")
+        for name in names:
+            table.add_column(name, justify="right")
+            table.add_column("ours/" + name.split()[0], justify="right")
+        if any(row.peak_mb is not None for row in mine):
+            table.add_column("peak MiB", justify="right")
+        for operation in dict.fromkeys(row.operation for row in mine):
+            cells = {row.target: row for row in mine if row.operation == operation}
+            ours = next((row for row in cells.values() if row.kind == "ours"), None)
+            line = [operation, f"{ours.ops:,.0f}" if ours else ""]
+            for name in names:
+                other = cells.get(name)
+                line += [
+                    f"{other.ops:,.0f}" if other else "",
+                    ratio(ours.ops if ours else None, other.ops if other else None),
+                ]
+            if len(table.columns) > len(line):
+                peak = ours.peak_mb if ours else None
+                line.append("" if peak is None else f"{peak:.1f}")
+            table.add_row(*line)
+        Console(width=200).print(table)
+
+
+def plot(rows: list[Row], path: str) -> None:
+    """Write a PNG bar chart of ops/s per driver and operation (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workload = [row for row in rows if row.operation in OPERATIONS]
+    drivers = list(dict.fromkeys(row.driver for row in workload))
+    fig, axes = plt.subplots(len(drivers), 1, figsize=(11, 3.2 * len(drivers)), squeeze=False)
+    for ax, driver in zip(axes[:, 0], drivers, strict=True):
+        mine = [row for row in workload if row.driver == driver]
+        names = list(dict.fromkeys(row.target for row in mine))
+        width = 0.8 / len(names)
+        for index, name in enumerate(names):
+            values = [
+                next((r.ops for r in mine if r.target == name and r.operation == op), 0)
+                for op in OPERATIONS
+            ]
+            xs = [i + index * width for i in range(len(OPERATIONS))]
+            ax.bar(xs, values, width, label=name)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(OPERATIONS))], OPERATIONS)
+        ax.set_yscale("log")
+        ax.set_ylabel("ops/s")
+        ax.set_title(driver)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def machine() -> str:
+    """One line describing this machine."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return (
+        f"Python {platform.python_version()}, {os.cpu_count()} cores ({cpu}), {platform.system()}"
+    )
+
+
+async def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--drivers", default=",".join(LOCAL), help="comma list, or 'all'")
+    parser.add_argument("-n", type=int, default=None, help="keys per operation (default 10000)")
+    parser.add_argument("--quick", action="store_true", help="small run (under 30 s)")
+    parser.add_argument("--no-scaling", action="store_true", help="skip the listing scaling run")
+    parser.add_argument("--no-node", action="store_true", help="skip unstorage under Node.js")
+    parser.add_argument("--no-sessions", action="store_true", help="skip the sessions benchmark")
+    parser.add_argument("--json", metavar="PATH", help="write the raw figures as JSON")
+    parser.add_argument("--plot", metavar="PATH", help="write a PNG bar chart")
+    args = parser.parse_args(argv)
+    names = ALL if args.drivers == "all" else [d.strip() for d in args.drivers.split(",") if d]
+    n = args.n or (2_000 if args.quick else 10_000)
+    console.print(f"[bold]kvstorage benchmarks[/bold] N={n} on {machine()}")
+    rows: list[Row] = []
+    with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
+        redis_url = stack.enter_context(redis_server()) if "redis" in names else None
+        s3_url = stack.enter_context(moto_server()) if "s3" in names else None
+        ctx = Context(Path(tmp), redis_url, s3_url)
+        progress = Progress(
+            TextColumn("{task.description:>8}"), BarColumn(), TimeElapsedColumn(), console=console
+        )
+        with progress:
+            for name in names:
+                rows += await bench_driver(
+                    name, ctx, n, args.quick, not args.no_scaling, args.no_node, progress
+                )
+        if not args.no_sessions:
+            rows += await bench_sessions(args.quick, redis_url)
+    render(rows)
+    if args.json:
+        payload = {"machine": machine(), "n": n, "rows": [row.as_dict() for row in rows]}
+        await anyio.Path(args.json).write_text(json.dumps(payload, indent=2))
+    if args.plot:
+        plot(rows, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

@@ -1,0 +1,321 @@
+"""Benchmark targets: kvstorage itself, the raw client of each backend, and the peers.
+
+Every target exposes the same five coroutines, so the one workload in
+:mod:`benchmarks.workload` runs unchanged on all of them. A target that cannot do an
+operation (a raw client without listing, say) leaves it as None and the row is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+
+from kvstorage import Storage, create_storage
+
+Value = dict[str, Any]
+_encode = msgspec.json.encode
+_decode = msgspec.json.decode
+
+
+@dataclass
+class Target:
+    """One thing to measure. ``kind`` is ``"ours"``, ``"raw"`` or ``"peer"``."""
+
+    name: str
+    kind: str
+    set: Callable[[str, Value], Awaitable[Any]]
+    get: Callable[[str], Awaitable[Any]]
+    remove: Callable[[str], Awaitable[Any]]
+    get_many: Callable[[list[str]], Awaitable[Any]] | None = None
+    keys: Callable[[str], Awaitable[list[str]]] | None = None
+    close: Callable[[], Awaitable[None]] = field(default=lambda: _noop())
+
+
+async def _noop() -> None:
+    return None
+
+
+def ours(name: str, storage: Storage) -> Target:
+    """kvstorage's public API on ``storage``."""
+
+    async def get_many(keys: list[str]) -> Any:
+        return await storage.get_items(keys)
+
+    return Target(
+        name,
+        "ours",
+        set=storage.set_item,
+        get=storage.get_item,
+        remove=storage.remove_item,
+        get_many=get_many,
+        keys=storage.get_keys,
+        close=storage.dispose,
+    )
+
+
+# -- raw baselines: the backend's own client doing the same work, same serializer --------
+
+
+def raw_memory() -> Target:
+    """A dict in an async function, values serialized with msgspec (our JSON encoder)."""
+    data: dict[str, bytes] = {}
+
+    async def set_(key: str, value: Value) -> None:
+        data[key] = _encode(value)
+
+    async def get(key: str) -> Any:
+        raw = data.get(key)
+        return None if raw is None else _decode(raw)
+
+    async def remove(key: str) -> None:
+        data.pop(key, None)
+
+    async def get_many(keys: list[str]) -> Any:
+        return [None if (raw := data.get(k)) is None else _decode(raw) for k in keys]
+
+    async def keys(base: str) -> list[str]:
+        prefix = base + ":"
+        return [k for k in data if k.startswith(prefix)]
+
+    return Target("dict + msgspec", "raw", set_, get, remove, get_many, keys)
+
+
+def raw_memory_stdlib() -> Target:
+    """The prior-art baseline: a dict in an async function with stdlib ``json``."""
+    data: dict[str, str] = {}
+
+    async def set_(key: str, value: Value) -> None:
+        data[key] = json.dumps(value)
+
+    async def get(key: str) -> Any:
+        raw = data.get(key)
+        return None if raw is None else json.loads(raw)
+
+    async def remove(key: str) -> None:
+        data.pop(key, None)
+
+    return Target("dict + stdlib json", "raw", set_, get, remove)
+
+
+def raw_fs(base: Path) -> Target:
+    """A plain synchronous file write/read of the same bytes in a worker thread."""
+
+    def path(key: str) -> Path:
+        return base / key.replace(":", "/")
+
+    def write(key: str, data: bytes) -> None:
+        p = path(key)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+
+    def read(key: str) -> bytes | None:
+        try:
+            return path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    async def set_(key: str, value: Value) -> None:
+        await anyio.to_thread.run_sync(write, key, _encode(value))
+
+    async def get(key: str) -> Any:
+        raw = await anyio.to_thread.run_sync(read, key)
+        return None if raw is None else _decode(raw)
+
+    async def remove(key: str) -> None:
+        await anyio.to_thread.run_sync(lambda: path(key).unlink(missing_ok=True))
+
+    return Target("file in a thread", "raw", set_, get, remove)
+
+
+async def raw_sqlite(db_path: Path) -> Target:
+    """aiosqlite running the same kind of statements (one row per key, WAL)."""
+    import aiosqlite
+
+    db = await aiosqlite.connect(db_path)
+    await db.execute("PRAGMA journal_mode=WAL")
+    await db.execute("PRAGMA synchronous=NORMAL")
+    await db.execute("CREATE TABLE IF NOT EXISTS raw (key TEXT PRIMARY KEY, value BLOB)")
+    await db.commit()
+
+    async def set_(key: str, value: Value) -> None:
+        await db.execute("INSERT OR REPLACE INTO raw VALUES (?, ?)", (key, _encode(value)))
+        await db.commit()
+
+    async def get(key: str) -> Any:
+        async with db.execute("SELECT value FROM raw WHERE key = ?", (key,)) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else _decode(row[0])
+
+    async def remove(key: str) -> None:
+        await db.execute("DELETE FROM raw WHERE key = ?", (key,))
+        await db.commit()
+
+    async def get_many(keys: list[str]) -> Any:
+        marks = ",".join("?" * len(keys))
+        async with db.execute(f"SELECT key, value FROM raw WHERE key IN ({marks})", keys) as c:
+            found = {k: _decode(v) for k, v in await c.fetchall()}
+        return [found.get(k) for k in keys]
+
+    async def keys(base: str) -> list[str]:
+        sql = "SELECT key FROM raw WHERE key >= ? AND key < ?"
+        async with db.execute(sql, (base + ":", base + ";")) as cursor:
+            return [row[0] for row in await cursor.fetchall()]
+
+    return Target("raw aiosqlite", "raw", set_, get, remove, get_many, keys, db.close)
+
+
+def raw_redis(url: str) -> Target:
+    """redis.asyncio GET/SET/MGET/DEL/SCAN on a default connection pool."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(url)
+
+    async def set_(key: str, value: Value) -> None:
+        await client.set(key, _encode(value))
+
+    async def get(key: str) -> Any:
+        raw = await client.get(key)
+        return None if raw is None else _decode(raw)
+
+    async def remove(key: str) -> None:
+        await client.delete(key)
+
+    async def get_many(keys: list[str]) -> Any:
+        return [None if raw is None else _decode(raw) for raw in await client.mget(keys)]
+
+    async def keys(base: str) -> list[str]:
+        return [k.decode() async for k in client.scan_iter(match=base + ":*", count=1000)]
+
+    return Target("raw redis.asyncio", "raw", set_, get, remove, get_many, keys, client.aclose)
+
+
+async def raw_s3(endpoint_url: str, bucket: str) -> Target:
+    """aiobotocore put_object/get_object/delete_object on the same server."""
+    from contextlib import AsyncExitStack
+
+    from aiobotocore.session import get_session
+
+    stack = AsyncExitStack()
+    client = await stack.enter_async_context(
+        get_session().create_client(
+            "s3",
+            endpoint_url=endpoint_url,
+            region_name="us-east-1",
+            aws_access_key_id="bench",
+            aws_secret_access_key="bench",
+        )
+    )
+    await client.create_bucket(Bucket=bucket)
+
+    async def set_(key: str, value: Value) -> None:
+        await client.put_object(Bucket=bucket, Key=key.replace(":", "/"), Body=_encode(value))
+
+    async def get(key: str) -> Any:
+        response = await client.get_object(Bucket=bucket, Key=key.replace(":", "/"))
+        async with response["Body"] as body:
+            return _decode(await body.read())
+
+    async def remove(key: str) -> None:
+        await client.delete_object(Bucket=bucket, Key=key.replace(":", "/"))
+
+    return Target("raw aiobotocore", "raw", set_, get, remove, close=stack.aclose)
+
+
+# -- peers (installed with the `bench` extra) ---------------------------------------------
+
+
+def peer_aiocache_memory() -> Target | None:
+    """aiocache SimpleMemoryCache with JSON and its fastest setting (timeout=None)."""
+    try:
+        from aiocache import SimpleMemoryCache
+        from aiocache.serializers import JsonSerializer
+    except ImportError:
+        return None
+    cache = SimpleMemoryCache(serializer=JsonSerializer(), timeout=None)
+    return Target("aiocache", "peer", cache.set, cache.get, cache.delete, close=cache.close)
+
+
+def peer_aiocache_redis(url: str) -> Target | None:
+    """aiocache RedisCache (JSON, timeout=None) on the same server."""
+    try:
+        from aiocache import RedisCache
+        from aiocache.serializers import JsonSerializer
+    except ImportError:
+        return None
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    cache = RedisCache(
+        serializer=JsonSerializer(),
+        endpoint=parts.hostname or "127.0.0.1",
+        port=parts.port or 6379,
+        namespace="peer-aiocache",
+        timeout=None,
+    )
+
+    async def get_many(keys: list[str]) -> Any:
+        return await cache.multi_get(keys)
+
+    return Target(
+        "aiocache", "peer", cache.set, cache.get, cache.delete, get_many, close=cache.close
+    )
+
+
+def _pkv_target(store: Any) -> Target:
+    async def set_(key: str, value: Value) -> None:
+        await store.put(key, value)
+
+    async def get(key: str) -> Any:
+        return await store.get(key)
+
+    async def remove(key: str) -> None:
+        await store.delete(key)
+
+    async def get_many(keys: list[str]) -> Any:
+        return await store.get_many(keys)
+
+    return Target("py-key-value", "peer", set_, get, remove, get_many)
+
+
+def peer_pkv_memory() -> Target | None:
+    """py-key-value-aio MemoryStore (default settings)."""
+    try:
+        from key_value.aio.stores.memory import MemoryStore
+    except ImportError:
+        return None
+    return _pkv_target(MemoryStore())
+
+
+def peer_pkv_redis(url: str) -> Target | None:
+    """py-key-value-aio RedisStore on the same server."""
+    try:
+        from key_value.aio.stores.redis import RedisStore
+    except ImportError:
+        return None
+    return _pkv_target(RedisStore(url=url))
+
+
+def peer_pkv_disk(directory: Path) -> Target | None:
+    """py-key-value-aio DiskStore (diskcache) in a fresh directory."""
+    try:
+        from key_value.aio.stores.disk import DiskStore
+    except ImportError:
+        return None
+    return _pkv_target(DiskStore(directory=str(directory)))
+
+
+def env_flag(name: str) -> bool:
+    """True when the environment variable ``name`` is set to a true value."""
+    return os.environ.get(name, "").lower() in {"1", "true", "yes"}
+
+
+def memory_storage() -> Storage:
+    """The memory driver at the root, as users create it."""
+    return create_storage()

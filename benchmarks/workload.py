@@ -1,0 +1,175 @@
+"""The standard workload (the same on every target) and the listing scaling run."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from kvstorage import Storage
+
+from .targets import Target
+
+OPERATIONS = [
+    "set_item",
+    "get_item",
+    "get_keys",
+    "get_items x100",
+    "100 concurrent get_item",
+    "remove_item",
+]
+
+
+@dataclass
+class Row:
+    """One measurement: ``ops`` operations per second (keys per second for batches and
+    listing) of ``target`` doing ``operation`` on ``driver``."""
+
+    driver: str
+    operation: str
+    target: str
+    kind: str
+    ops: float
+    seconds: float
+    count: int
+    peak_mb: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The row as plain JSON-able data."""
+        return asdict(self)
+
+
+def value(i: int) -> dict[str, Any]:
+    """The value stored at ``bench:item:{i}``."""
+    return {"n": i, "s": "x" * 100}
+
+
+async def run_workload(
+    driver: str, target: Target, n: int, advance: Callable[[], None]
+) -> list[Row]:
+    """Run the standard workload of ``n`` keys on ``target``; ``advance`` is called after
+    each operation (for the progress bar)."""
+    keys = [f"bench:item:{i}" for i in range(n)]
+    rows: list[Row] = []
+
+    def record(operation: str, started: float, count: int) -> None:
+        seconds = time.perf_counter() - started
+        rows.append(Row(driver, operation, target.name, target.kind, count / seconds, seconds, n))
+        advance()
+
+    await target.set("bench:warmup", value(-1))  # connect, create tables, warm caches
+    await target.get("bench:warmup")
+    await target.remove("bench:warmup")
+
+    started = time.perf_counter()
+    for i, key in enumerate(keys):
+        await target.set(key, value(i))
+    record("set_item", started, n)
+
+    started = time.perf_counter()
+    for key in keys:
+        got = await target.get(key)
+    record("get_item", started, n)
+    if got != value(n - 1):
+        raise AssertionError(f"{target.name} returned {got!r} for {keys[-1]}")
+
+    if target.keys is not None:
+        started = time.perf_counter()
+        listed = await target.keys("bench")
+        record("get_keys", started, len(listed))
+        if len(listed) != n:
+            raise AssertionError(f"{target.name} listed {len(listed)} keys, expected {n}")
+    else:
+        advance()
+
+    if target.get_many is not None:
+        started = time.perf_counter()
+        for start in range(0, n, 100):
+            await target.get_many(keys[start : start + 100])
+        record("get_items x100", started, n)
+    else:
+        advance()
+
+    started = time.perf_counter()
+    for start in range(0, n, 100):
+        await asyncio.gather(*(target.get(key) for key in keys[start : start + 100]))
+    record("100 concurrent get_item", started, n)
+
+    started = time.perf_counter()
+    for key in keys:
+        await target.remove(key)
+    record("remove_item", started, n)
+    return rows
+
+
+class PeakRSS:
+    """Samples this process's resident memory in a thread; ``peak_mb`` is the growth
+    over the value at entry (so C allocations count too, and tracing costs nothing)."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self._interval = interval
+        self._stop = threading.Event()
+        self._base = self._peak = 0
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * 4096
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._peak = max(self._peak, self._rss())
+
+    def __enter__(self) -> PeakRSS:
+        self._base = self._peak = self._rss()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, self._rss())
+
+    @property
+    def peak_mb(self) -> float:
+        """Peak growth in MiB."""
+        return (self._peak - self._base) / 2**20
+
+
+async def run_scaling(
+    driver: str, storage: Storage, size: int, advance: Callable[[], None]
+) -> list[Row]:
+    """Fill ``size`` keys, then time ``iter_keys`` (counting, never materializing) and
+    ``clear`` with their peak memory growth."""
+    batch = 1000
+    payload = {"n": 0}
+    for start in range(0, size, batch):
+        await storage.set_items((f"scale:{i}", payload) for i in range(start, start + batch))
+    rows = []
+    with PeakRSS() as memory:
+        started = time.perf_counter()
+        count = 0
+        async for _ in storage.iter_keys("scale"):
+            count += 1
+        seconds = time.perf_counter() - started
+    if count != size:
+        raise AssertionError(f"{driver}: iter_keys saw {count} keys, expected {size}")
+    rows.append(
+        Row(driver, f"iter_keys {size:,}", "kvstorage", "ours", count / seconds, seconds, size)
+    )
+    rows[-1].peak_mb = memory.peak_mb
+    advance()
+    with PeakRSS() as memory:
+        started = time.perf_counter()
+        await storage.clear("scale")
+        seconds = time.perf_counter() - started
+    rows.append(Row(driver, f"clear {size:,}", "kvstorage", "ours", size / seconds, seconds, size))
+    rows[-1].peak_mb = memory.peak_mb
+    advance()
+    if await storage.get_keys("scale"):
+        raise AssertionError(f"{driver}: clear left keys behind")
+    return rows

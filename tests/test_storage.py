@@ -1,0 +1,217 @@
+"""Core behaviour that does not depend on the driver: mounts, URLs, errors, emulation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import AsyncGenerator
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from kvstorage import (
+    Capabilities,
+    ConditionFailedError,
+    Driver,
+    DriverError,
+    ReadOnlyError,
+    Record,
+    Storage,
+    create_storage,
+)
+from kvstorage.driver import require_asyncio
+from kvstorage.drivers import MemoryDriver, from_url
+
+from .helpers import eventually
+
+pytestmark = pytest.mark.anyio
+
+
+class NoConditionsDriver(MemoryDriver):
+    """A memory driver that claims no native conditions, so the core emulates them."""
+
+    capabilities = Capabilities()
+
+    async def set(self, key: str, value: bytes, **options: object) -> None:  # type: ignore[override]
+        assert not options.get("if_absent") and options.get("if_match") is None
+        await anyio.lowlevel.checkpoint()  # give concurrent writers a chance to interleave
+        await super().set(key, value, expires_at=options.get("expires_at"))  # type: ignore[arg-type]
+
+
+class ReadOnlyMemory(MemoryDriver):
+    read_only = True
+
+
+class BrokenDriver(Driver):
+    name = "broken"
+
+    async def get(self, key: str) -> Record | None:
+        raise RuntimeError("disk on fire")
+
+    async def set(self, key: str, value: bytes, **options: object) -> None:  # type: ignore[override]
+        raise OSError("no space left")
+
+    async def remove(self, key: str) -> bool:
+        raise RuntimeError("nope")
+
+    async def scan(
+        self, base: str = "", *, max_depth: int | None = None
+    ) -> AsyncGenerator[str, None]:
+        raise RuntimeError("cannot list")
+        yield ""
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def test_import_needs_no_backend_library() -> None:
+    code = (
+        "import sys, kvstorage, kvstorage.drivers; s = kvstorage.create_storage();"
+        "libs = ('redis', 'aiobotocore', 'botocore', 'aiosqlite', 'aiofiles', 'watchfiles');"
+        "bad = [m for m in libs if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_from_url_unknown_scheme_names_the_known_ones() -> None:
+    with pytest.raises(ValueError, match=r"memory://.*sqlite://.*redis\+cluster://.*s3://"):
+        from_url("ftp://x")
+    with pytest.raises(ValueError):
+        from_url("no-scheme")
+    driver = from_url("memory://?max_entries=3")
+    assert isinstance(driver, MemoryDriver)
+
+
+async def test_mount_by_url_and_mount_errors() -> None:
+    storage = create_storage("memory://")
+    storage.mount("cache", "memory://")
+    with pytest.raises(ValueError, match="already mounted"):
+        storage.mount("cache", MemoryDriver())
+    with pytest.raises(ValueError, match="root"):
+        await storage.unmount("")
+    with pytest.raises(ValueError, match="nothing is mounted"):
+        await storage.unmount("nope")
+    with pytest.raises(TypeError):
+        storage.mount("x", object())  # type: ignore[arg-type]
+    await storage.dispose()
+
+
+async def test_driver_failures_become_driver_error_with_cause() -> None:
+    storage = create_storage(BrokenDriver())
+    with pytest.raises(DriverError, match=r"\[broken\] RuntimeError: disk on fire") as info:
+        await storage.get_item("k")
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert info.value.driver == "broken"
+    with pytest.raises(DriverError, match="no space left"):
+        await storage.set_item("k", 1)
+    with pytest.raises(DriverError, match="cannot list"):
+        await storage.get_keys()
+
+
+async def test_read_only_driver_rejects_every_write() -> None:
+    driver = ReadOnlyMemory()
+    storage = create_storage(driver)
+    for write in (
+        storage.set_item("k", 1),
+        storage.set_item_raw("k", b"1"),
+        storage.set_items({"k": 1}),
+        storage.remove_item("k"),
+        storage.remove_items(["k"]),
+        storage.clear(),
+        storage.touch("k", ttl=1),
+        storage.update_item("k", lambda v: 1),
+    ):
+        with pytest.raises(ReadOnlyError):
+            await write
+    assert await storage.get_keys() == []
+
+
+async def test_conditions_are_emulated_for_drivers_without_them() -> None:
+    storage = create_storage(NoConditionsDriver())
+
+    async def increment() -> None:
+        await storage.update_item("n", lambda n: (n or 0) + 1, retries=1000)
+
+    async with anyio.create_task_group() as group:
+        for _ in range(30):
+            group.start_soon(increment)
+    assert await storage.get_item("n") == 30
+    with pytest.raises(ConditionFailedError):
+        await storage.set_item("n", 0, if_absent=True)
+
+
+async def test_update_item_gives_up_after_retries() -> None:
+    storage = create_storage()
+    await storage.set_item("k", 0)
+
+    async def meddle(value: int) -> int:
+        await storage.set_item("k", value + 100)  # a concurrent writer, every time
+        return value + 1
+
+    with pytest.raises(ConditionFailedError):
+        await storage.update_item("k", meddle, retries=3)
+
+
+async def test_max_entries_evicts_least_recently_used() -> None:
+    storage = create_storage(MemoryDriver(max_entries=3))
+    for key in "abc":
+        await storage.set_item(key, key)
+    await storage.get_item("a")  # a is now the most recently used
+    await storage.set_item("d", "d")
+    assert sorted(await storage.get_keys()) == ["a", "c", "d"]
+
+
+async def test_background_sweeper_deletes_expired_entries() -> None:
+    driver = MemoryDriver()
+    async with create_storage(driver, sweep_interval=0.05) as storage:
+        await storage.set_item("gone", 1, ttl=0.1)
+        await storage.set_item("kept", 1)
+
+        async def swept() -> bool:
+            return "gone" not in driver._data
+
+        await eventually(swept, within=3)
+        assert await storage.get_keys() == ["kept"]
+
+
+async def test_sweep_reports_count() -> None:
+    storage = create_storage()
+    await storage.set_items({f"t:{i}": i for i in range(5)}, ttl=0.05)
+    await storage.set_item("t:keep", 1)
+
+    async def all_expired() -> bool:
+        return await storage.get_keys("t") == ["t:keep"]
+
+    await eventually(all_expired)
+    assert await storage.sweep("t") == 5
+    assert await storage.sweep() == 0
+
+
+async def test_watch_callback_errors_do_not_break_writes(caplog: pytest.LogCaptureFixture) -> None:
+    storage = create_storage()
+
+    def explode(event: str, key: str) -> None:
+        raise RuntimeError("callback bug")
+
+    unwatch = await storage.watch(explode)
+    await storage.set_item("k", 1)
+    assert await storage.get_item("k") == 1
+    assert "callback bug" in caplog.text
+    await unwatch()
+
+
+async def test_storage_repr_and_context_manager() -> None:
+    async with create_storage() as storage:
+        storage.mount("c", MemoryDriver())
+        assert "MemoryDriver" in repr(storage)
+        assert isinstance(storage, Storage)
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_require_asyncio_refuses_trio() -> None:
+    with pytest.raises(DriverError, match="only on asyncio, not on trio"):
+        require_asyncio("redis")
