@@ -27,7 +27,7 @@ from ..driver import Driver
 if TYPE_CHECKING:
     from .fs import FSDriver
     from .memory import MemoryDriver
-    from .redis import RedisDriver  # type: ignore[import-not-found]  # not written yet
+    from .redis import RedisDriver
     from .s3 import S3Driver
     from .sqlite import SQLiteDriver
 

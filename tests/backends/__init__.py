@@ -37,6 +37,8 @@ BACKENDS: list[BackendSpec] = [
     BackendSpec("fs", "fs_driver_factory", ("asyncio", "trio"), shared=True),
     BackendSpec("sqlite", "sqlite_driver_factory", ("asyncio",), shared=True),
     BackendSpec("s3", "s3_driver_factory", ("asyncio",), shared=True),
+    BackendSpec("redis", "redis_driver_factory", ("asyncio",), shared=True),
+    BackendSpec("redis_cluster", "redis_cluster_driver_factory", ("asyncio",), shared=True),
 ]
 
 

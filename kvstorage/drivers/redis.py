@@ -1,0 +1,689 @@
+"""RedisDriver: Redis or a Redis Cluster through ``redis.asyncio``. Runs on asyncio only.
+
+Layout
+------
+Every item is one Redis string at ``<base>:<key>`` (``<key>`` when ``base`` is empty)
+holding a 32-byte header followed by the value bytes::
+
+    offset  size  field
+    0       4     magic  b"KVS\\x01"
+    4       12    etag   random bytes, new on every write (hex in ``Record.etag``)
+    16      8     mtime  float64 little-endian, Unix seconds of the write
+    24      8     expiry float64 little-endian, Unix seconds, 0.0 = none
+
+So a read is one ``GET``, a write one ``SET`` (with ``PXAT``: Redis expires the key
+itself, to the millisecond), a batch one ``MGET`` / ``MSET`` -- the same commands and round
+trips as a bare client. Only ``if_match`` writes (a Lua script comparing the first 16
+bytes), ``touch`` (a script rewriting the expiry field in place with ``SETRANGE`` and
+calling ``PEXPIREAT`` / ``PERSIST``) and ``head`` (a script reading header and length) run
+scripts, with ``EVALSHA`` and an ``EVAL`` fallback. ``if_absent`` is ``SET NX``. Values
+written by other tools under ``base`` (without the header) raise ``DriverError`` when read.
+
+Expiry is an absolute time (``PXAT``, rounded down to the millisecond), so Redis drops a key
+no later than the header says; this needs Redis 6.2+ and clocks on clients and server that
+agree (NTP).
+
+Listing uses ``SCAN`` with ``MATCH <escaped base>:*`` and ``COUNT 1000``, streamed. Like
+``SCAN`` itself, a key may in rare cases be listed twice when the database shrinks during
+the scan (deduplicating would mean holding every key in memory).
+
+Cluster
+-------
+Keys of one base spread over every hash slot. Batches are split per slot (one ``MGET`` /
+``MSET`` / ``UNLINK`` per slot, all sent as one cluster pipeline, so one round trip per
+node) and never raise ``CROSSSLOT``; a batch is then atomic per slot only. Listing runs
+``SCAN`` on every primary. Keyspace notifications are per node, so a cluster driver does not
+declare native watching: the storage reports the changes made through it.
+
+Concurrency
+-----------
+Concurrent ``get`` calls are auto-pipelined: while one read is on the wire, the reads issued
+meanwhile are collected for one event-loop tick and sent as a single ``MGET`` instead of
+taking a pool connection and a round trip each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import math
+import random
+import struct
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from typing import Any, Literal, cast
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import parse_url
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.crc import key_slot
+from redis.exceptions import (
+    ClusterDownError,
+    ConnectionError,
+    NoScriptError,
+    RedisClusterException,
+    ResponseError,
+    TimeoutError,
+)
+
+from ..driver import Capabilities, Driver, EmitEvent, Record, Stat, require_asyncio
+from ..errors import ConditionFailedError, DriverError, DriverUnavailableError
+from ..keys import normalize_base
+
+__all__ = ["RedisDriver"]
+
+logger = logging.getLogger("kvstorage")
+
+AnyRedis = Redis | RedisCluster
+
+_MAGIC = b"KVS\x01"
+_HEADER = struct.Struct("<16sdd")  # magic + etag, mtime, expiry
+_HEADER_SIZE = _HEADER.size
+_TIMES = struct.Struct("<dd")  # mtime, expiry (at offset 16)
+_EXPIRY = struct.Struct("<d")
+_random_bits = random.getrandbits
+_UNREACHABLE = (ConnectionError, TimeoutError, ClusterDownError, OSError)
+_SCAN_COUNT = 1000
+#: Keyspace events a watcher needs: K keyspace channel, g generic (del), $ strings (set),
+#: x expired, e evicted.
+_NOTIFY_FLAGS = "Kg$xe"
+
+
+class _Script:
+    """A Lua script run with EVALSHA, falling back to EVAL when the server lost it."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    async def __call__(self, client: AnyRedis, key: str, *args: bytes | int | str) -> Any:
+        try:
+            return await client.evalsha(self.sha, 1, key, *args)
+        except NoScriptError:
+            return await client.eval(self.source, 1, key, *args)
+
+
+_SET_IF_MATCH = _Script(
+    """
+local current = redis.call('GET', KEYS[1])
+if not current or string.sub(current, 1, 16) ~= ARGV[2] then return 0 end
+if ARGV[3] == '0' then
+  redis.call('SET', KEYS[1], ARGV[1])
+else
+  redis.call('SET', KEYS[1], ARGV[1], 'PXAT', ARGV[3])
+end
+return 1
+"""
+)
+_TOUCH = _Script(
+    f"""
+if redis.call('STRLEN', KEYS[1]) < {_HEADER_SIZE} then return 0 end
+redis.call('SETRANGE', KEYS[1], 24, ARGV[1])
+if ARGV[2] == '0' then
+  redis.call('PERSIST', KEYS[1])
+else
+  redis.call('PEXPIREAT', KEYS[1], ARGV[2])
+end
+return 1
+"""
+)
+_HEAD = _Script(
+    f"""
+local header = redis.call('GETRANGE', KEYS[1], 0, {_HEADER_SIZE - 1})
+if header == '' then return false end
+return {{header, redis.call('STRLEN', KEYS[1])}}
+"""
+)
+
+
+def _pack(value: bytes, expires_at: float | None) -> bytes:
+    # 96 random bits: unique, not secret (the random module reseeds in forked children)
+    etag = _MAGIC + _random_bits(96).to_bytes(12, "little")
+    return _HEADER.pack(etag, time.time(), expires_at or 0.0) + value
+
+
+def _pxat(expires_at: float | None) -> int | None:
+    """``expires_at`` in Unix milliseconds, rounded down so that Redis never keeps a key
+    longer than its header says, for ``PXAT`` / ``PEXPIREAT``."""
+    return None if expires_at is None else math.floor(expires_at * 1000)
+
+
+def _valid(data: bytes) -> bool:
+    return data.startswith(_MAGIC) and len(data) >= _HEADER_SIZE
+
+
+def _decode(data: bytes) -> Record:
+    """The record stored in ``data`` (header + value); ValueError if it has no header."""
+    if not data.startswith(_MAGIC) or len(data) < _HEADER_SIZE:
+        raise ValueError("no kvstorage header")
+    mtime, expires_at = _TIMES.unpack_from(data, 16)
+    return Record(data[_HEADER_SIZE:], data[4:16].hex(), mtime, expires_at or None)
+
+
+def _token(etag: str) -> bytes | None:
+    """The 16 stored header bytes an etag stands for, or None when it is not one of ours."""
+    try:
+        raw = bytes.fromhex(etag)
+    except ValueError:
+        return None
+    return _MAGIC + raw if len(raw) == 12 else None
+
+
+def _glob_escape(text: str) -> str:
+    """Escape the characters that are special in Redis glob patterns (MATCH, PSUBSCRIBE)."""
+    for char in "\\*?[]":
+        text = text.replace(char, "\\" + char)
+    return text
+
+
+class RedisDriver(Driver):
+    """Stores items in Redis (standalone or Cluster) under ``base``, with native TTL.
+
+    Runs on asyncio only (``redis.asyncio``); under trio the first call raises
+    :class:`~kvstorage.errors.DriverError`.
+
+    Args:
+        url: ``redis://[user:password@]host:port/db``, ``rediss://...`` (TLS),
+            ``unix:///path.sock`` or ``redis+cluster://host:port,host:port``. A ``base``
+            query parameter sets ``base``; the other query parameters go to redis-py.
+            Default ``redis://127.0.0.1:6379/0``.
+        client: a ready ``redis.asyncio.Redis`` or ``RedisCluster`` to use instead of
+            ``url``; it must not decode responses. It is used as is and never closed.
+        base: namespace of every key (``"app"`` stores ``users:1`` at ``app:users:1``).
+            Nothing outside it is ever read, listed or deleted. ``""`` uses the whole
+            database.
+        cluster: connect to ``url`` as a Redis Cluster (implied by ``redis+cluster://``).
+        timeout: seconds to connect and to wait for a reply. A call to a server that is
+            down, unreachable or hung raises
+            :class:`~kvstorage.errors.DriverUnavailableError` naming the address within
+            about this time.
+        **options: passed to ``Redis.from_url`` / ``RedisCluster``.
+
+    Values live in a 32-byte header + value layout (see the module docstring). A broken
+    connection is re-established on the next call, so a restarted server is picked up
+    without a new driver. ``watch`` (standalone only) uses keyspace notifications: it turns
+    on the ``notify-keyspace-events`` flags ``Kg$xe`` with ``CONFIG SET`` (adding to what
+    is set, never removing) and raises :class:`~kvstorage.errors.DriverError` when they
+    are missing and cannot be set. Where ``CONFIG`` is disabled altogether (managed
+    services), the server must be configured with them; a warning is logged.
+    """
+
+    name = "redis"
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        client: AnyRedis | None = None,
+        base: str = "",
+        cluster: bool = False,
+        timeout: float = 5.0,
+        **options: Any,
+    ) -> None:
+        if url is not None and client is not None:
+            raise ValueError("pass url or client, not both")
+        url = url or "redis://127.0.0.1:6379/0"
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        for name, value in query:
+            if name == "base" and not base:
+                base = value
+        query = [(name, value) for name, value in query if name != "base"]
+        self._url = urlunsplit(parts._replace(query=urlencode(query)))
+        scheme = parts.scheme.lower()
+        if scheme == "redis+cluster":
+            cluster = True
+        elif client is None and scheme not in {"redis", "rediss", "unix"}:
+            raise ValueError(f"not a redis URL: {url!r}")
+        if client is not None:
+            cluster = isinstance(client, RedisCluster)
+            if client.get_encoder().decode_responses:
+                raise ValueError("the redis client must not decode responses (bytes in, out)")
+        self.base = normalize_base(base)
+        self._ns = self.base + ":" if self.base else ""
+        self._cluster = cluster
+        self._timeout = timeout
+        self._options = options
+        self._given = client
+        self._client: AnyRedis | None = None
+        self._lock: asyncio.Lock | None = None
+        # auto-pipelining of concurrent reads
+        self._reading = 0
+        self._batch: tuple[list[str], list[asyncio.Future[bytes | None]]] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._watchers: set[Callable[[], Awaitable[None]]] = set()
+        self.capabilities = Capabilities(
+            ttl=True, batch=True, watch=not cluster, conditions=True, asyncio_only=True
+        )
+
+    @classmethod
+    def from_url(cls, url: str) -> RedisDriver:
+        """Build from ``redis://host:port/db?base=app``, ``rediss://...`` or
+        ``redis+cluster://host:port,host:port?base=app``."""
+        return cls(url)
+
+    def __repr__(self) -> str:
+        if self._given is not None:
+            where = repr(self._given)
+        else:
+            parts = urlsplit(self._url)
+            host = parts.netloc.rpartition("@")[2]
+            where = urlunsplit(parts._replace(netloc=host))
+        return f"RedisDriver({where!r}, base={self.base!r})"
+
+    # -- connection -----------------------------------------------------------------------
+
+    async def _connect(self) -> AnyRedis:
+        """Create the client on first use (and initialize a cluster client once: redis-py
+        fails commands that race its first initialization)."""
+        require_asyncio(self.name)
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._client is None:
+                client = self._given or self._open()
+                if isinstance(client, RedisCluster):
+                    try:
+                        await client.initialize()
+                    except (RedisClusterException, *_UNREACHABLE) as exc:
+                        raise self._unavailable(exc) from exc
+                self._client = client
+        return self._client
+
+    def _open(self) -> AnyRedis:
+        options: dict[str, Any] = {
+            "socket_timeout": self._timeout,
+            "socket_connect_timeout": self._timeout,
+            "health_check_interval": 30,
+        }
+        options.update(self._options)
+        client: AnyRedis
+        if self._cluster:
+            client = self._open_cluster(options)
+        else:
+            # One quick retry after a broken connection (a restarted server), none after a
+            # timeout, so that a call fails within about `timeout`.
+            retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), 1, (ConnectionError,))
+            options.setdefault("retry", retry)
+            client = Redis.from_url(self._url, **options)
+        return client
+
+    def _open_cluster(self, options: dict[str, Any]) -> RedisCluster:
+        parts = urlsplit(self._url)
+        if parts.scheme.lower() != "redis+cluster":
+            return RedisCluster.from_url(self._url, **options)
+        userinfo, _, hosts = parts.netloc.rpartition("@")
+        # redis-py parses credentials and typed query options of a one-host URL
+        first = (userinfo + "@" if userinfo else "") + hosts.split(",")[0]
+        parsed = dict(parse_url(urlunsplit(("redis", first, "", parts.query, ""))))
+        for name in ("host", "port", "db"):
+            parsed.pop(name, None)
+        options = {**options, **parsed}  # as in redis-py, the URL wins
+        nodes = []
+        for address in hosts.split(","):
+            host, _, port = address.rpartition(":")
+            nodes.append(ClusterNode(host or "127.0.0.1", int(port or 6379)))
+        return RedisCluster(startup_nodes=nodes, **options)
+
+    def _where(self) -> str:
+        client = self._client or self._given
+        if isinstance(client, RedisCluster):
+            nodes = client.get_nodes() or client.startup_nodes or []
+            return "redis cluster " + ",".join(f"{n.host}:{n.port}" for n in nodes)
+        if isinstance(client, Redis):
+            kwargs = client.connection_pool.connection_kwargs
+            if "path" in kwargs:
+                return f"redis at unix:{kwargs['path']}"
+            return f"redis at {kwargs.get('host')}:{kwargs.get('port')}/{kwargs.get('db', 0)}"
+        return "redis " + repr(self)
+
+    def _unavailable(self, exc: BaseException) -> DriverUnavailableError:
+        return DriverUnavailableError(f"cannot reach {self._where()}: {exc}", driver=self.name)
+
+    # -- single items ---------------------------------------------------------------------
+
+    async def get(self, key: str) -> Record | None:
+        name = self._ns + key
+        try:
+            if self._reading:
+                data = await self._join_batch(name)
+            else:
+                self._reading += 1
+                try:
+                    client = self._client or await self._connect()
+                    data = cast("bytes | None", await client.get(name))
+                finally:
+                    self._reading -= 1
+        except _UNREACHABLE as exc:
+            raise self._unavailable(exc) from exc
+        if data is None:
+            return None
+        try:
+            return _decode(data)
+        except ValueError:
+            raise self._foreign(key) from None
+
+    async def _join_batch(self, name: str) -> bytes | None:
+        """Another read is on the wire: join the batch collected during this loop tick
+        (sent as one MGET when the loop gets to it)."""
+        loop = asyncio.get_running_loop()
+        if self._batch is None:
+            self._batch = ([], [])
+            loop.call_soon(self._flush)
+        future: asyncio.Future[bytes | None] = loop.create_future()
+        self._batch[0].append(name)
+        self._batch[1].append(future)
+        return await future
+
+    def _flush(self) -> None:
+        batch, self._batch = self._batch, None
+        if batch is not None:
+            task = asyncio.get_running_loop().create_task(self._read_batch(*batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _read_batch(
+        self, names: list[str], futures: list[asyncio.Future[bytes | None]]
+    ) -> None:
+        self._reading += 1
+        try:
+            values = await self._mget(names)
+        except Exception as exc:
+            for future in futures:
+                if not future.done():
+                    future.set_exception(exc)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+        else:
+            for future, value in zip(futures, values, strict=True):
+                if not future.done():
+                    future.set_result(value)
+        finally:
+            self._reading -= 1
+
+    def _foreign(self, key: str) -> DriverError:
+        where = self._ns + key
+        return DriverError(f"the value at {where!r} was not written by kvstorage", driver=self.name)
+
+    async def head(self, key: str) -> Stat | None:
+        try:
+            reply = await _HEAD(self._client or await self._connect(), self._ns + key)
+        except _UNREACHABLE as exc:
+            raise self._unavailable(exc) from exc
+        if reply is None:
+            return None
+        header, length = reply
+        try:
+            record = _decode(header)
+        except ValueError:
+            raise self._foreign(key) from None
+        return Stat(length - _HEADER_SIZE, record.etag, record.mtime, record.expires_at)
+
+    async def set(
+        self,
+        key: str,
+        value: bytes,
+        *,
+        expires_at: float | None = None,
+        if_absent: bool = False,
+        if_match: str | None = None,
+    ) -> None:
+        client = self._client or await self._connect()
+        name = self._ns + key
+        data = _pack(value, expires_at)
+        try:
+            if if_match is not None:
+                token = _token(if_match)
+                done = token is not None and await _SET_IF_MATCH(
+                    client, name, data, token, _pxat(expires_at) or 0
+                )
+                if not done:
+                    raise ConditionFailedError(f"etag of {key!r} does not match")
+            elif if_absent:
+                if not await client.set(name, data, pxat=_pxat(expires_at), nx=True):
+                    raise ConditionFailedError(f"key {key!r} already exists")
+            else:
+                await client.set(name, data, pxat=_pxat(expires_at))
+        except _UNREACHABLE as exc:
+            raise self._unavailable(exc) from exc
+
+    async def remove(self, key: str) -> bool:
+        try:
+            removed: int = await (self._client or await self._connect()).unlink(self._ns + key)
+        except _UNREACHABLE as exc:
+            raise self._unavailable(exc) from exc
+        return removed > 0
+
+    async def touch(self, key: str, *, expires_at: float | None) -> bool:
+        expiry = _EXPIRY.pack(expires_at or 0.0)
+        try:
+            done = await _TOUCH(
+                self._client or await self._connect(),
+                self._ns + key,
+                expiry,
+                _pxat(expires_at) or 0,
+            )
+        except _UNREACHABLE as exc:
+            raise self._unavailable(exc) from exc
+        return bool(done)
+
+    # -- batches --------------------------------------------------------------------------
+
+    def _slots(self, names: Sequence[str]) -> list[list[int]]:
+        """Indexes of ``names`` grouped by cluster hash slot."""
+        groups: dict[int, list[int]] = {}
+        for index, name in enumerate(names):
+            groups.setdefault(key_slot(name.encode()), []).append(index)
+        return list(groups.values())
+
+    async def _mget(self, names: list[str]) -> list[bytes | None]:
+        client = self._client or await self._connect()
+        if not isinstance(client, RedisCluster):
+            return cast("list[bytes | None]", await client.mget(names))
+        groups = self._slots(names)
+        pipe = client.pipeline()
+        for group in groups:
+            pipe.execute_command("MGET", *(names[i] for i in group))
+        result: list[bytes | None] = [None] * len(names)
+        for group, values in zip(groups, await pipe.execute(), strict=True):
+            for index, value in zip(group, values, strict=True):
+                result[index] = value
+        return result
+
+    async def get_many(self, keys: Sequence[str]) -> list[Record | None]:
+        if not keys:
+            return []
+        ns = self._ns
+        try:
+            values = await self._mget([ns + key for key in keys])
+        except _UNREACHABLE as exc:
+            raise self._unavailable(exc) from exc
+        try:
+            return [None if data is None else _decode(data) for data in values]
+        except ValueError:
+            bad = next(
+                k for k, v in zip(keys, values, strict=True) if v is not None and not _valid(v)
+            )
+            raise self._foreign(bad) from None
+
+    async def set_many(
+        self, items: Sequence[tuple[str, bytes]], *, expires_at: float | None = None
+    ) -> None:
+        if not items:
+            return
+        client = self._client or await self._connect()
+        ns = self._ns
+        pairs = [(ns + key, _pack(value, expires_at)) for key, value in items]
+        px = _pxat(expires_at)
+        try:
+            if isinstance(client, RedisCluster):
+                pipe = client.pipeline()
+                for group in self._slots([name for name, _ in pairs]):
+                    if px is None:
+                        pipe.execute_command("MSET", *(part for i in group for part in pairs[i]))
+                    else:
+                        for i in group:
+                            pipe.set(*pairs[i], pxat=px)
+                await pipe.execute()
+            elif px is None:
+                await client.mset(dict(pairs))
+            else:
+                async with client.pipeline(transaction=True) as tx:
+                    for name, data in pairs:
+                        tx.set(name, data, pxat=px)
+                    await tx.execute()
+        except _UNREACHABLE as exc:
+            raise self._unavailable(exc) from exc
+
+    async def remove_many(self, keys: Sequence[str]) -> int:
+        if not keys:
+            return 0
+        client = self._client or await self._connect()
+        names = [self._ns + key for key in keys]
+        try:
+            if not isinstance(client, RedisCluster):
+                removed: int = await client.unlink(*names)
+                return removed
+            pipe = client.pipeline()
+            for group in self._slots(names):
+                pipe.execute_command("UNLINK", *(names[i] for i in group))
+            return sum(await pipe.execute())
+        except _UNREACHABLE as exc:
+            raise self._unavailable(exc) from exc
+
+    # -- listing --------------------------------------------------------------------------
+
+    async def scan(
+        self, base: str = "", *, max_depth: int | None = None
+    ) -> AsyncGenerator[str, None]:
+        prefix = self._ns + base + ":" if base else self._ns
+        pattern = _glob_escape(prefix) + "*"
+        strip = len(self._ns)
+        client = self._client or await self._connect()
+        try:
+            if isinstance(client, RedisCluster):
+                for node in client.get_primaries():
+                    cursor = 0
+                    while True:
+                        reply: Any = await client.scan(
+                            cursor, match=pattern, count=_SCAN_COUNT, target_nodes=node
+                        )
+                        for name in reply[1]:
+                            yield name.decode()[strip:]
+                        cursor = reply[0][node.name]
+                        if not cursor:
+                            break
+            else:
+                cursor = 0
+                while True:
+                    reply = await client.scan(cursor, match=pattern, count=_SCAN_COUNT)
+                    cursor = reply[0]
+                    for name in reply[1]:
+                        yield name.decode()[strip:]
+                    if not cursor:
+                        break
+        except _UNREACHABLE as exc:
+            raise self._unavailable(exc) from exc
+
+    # -- watching -------------------------------------------------------------------------
+
+    async def watch(self, emit: EmitEvent) -> Callable[[], Awaitable[None]]:
+        """Report changes from Redis keyspace notifications (standalone servers only)."""
+        client = self._client or await self._connect()
+        if isinstance(client, RedisCluster):
+            raise NotImplementedError("the redis driver does not watch a cluster")
+        db = client.connection_pool.connection_kwargs.get("db", 0)
+        channel = f"__keyspace@{db}__:{self._ns}"
+        pubsub = client.pubsub()
+        try:
+            await self._enable_notifications(client)
+            await pubsub.psubscribe(f"__keyspace@{db}__:{_glob_escape(self._ns)}*")
+            # Wait for the confirmation: from then on, every write is reported.
+            if await pubsub.get_message(timeout=self._timeout) is None:
+                raise TimeoutError("no reply to PSUBSCRIBE")
+        except _UNREACHABLE as exc:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            raise self._unavailable(exc) from exc
+        task = asyncio.get_running_loop().create_task(
+            self._listen(client, pubsub, emit, len(channel.encode()))
+        )
+
+        async def stop() -> None:
+            self._watchers.discard(stop)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+        self._watchers.add(stop)
+        return stop
+
+    async def _enable_notifications(self, client: Redis) -> None:
+        try:
+            reply = await client.config_get("notify-keyspace-events")
+        except ResponseError as exc:  # CONFIG is disabled (managed services): trust the server
+            logger.warning(
+                "cannot read notify-keyspace-events on %s (%s); watching relies on the "
+                "server publishing keyspace events %s",
+                self._where(),
+                exc,
+                _NOTIFY_FLAGS,
+            )
+            return
+        flags = next(iter(reply.values()), b"")
+        flags = flags.decode() if isinstance(flags, bytes) else str(flags)
+        covered = set(flags) | (set("g$xe") if "A" in flags else set())
+        missing = "".join(flag for flag in _NOTIFY_FLAGS if flag not in covered)
+        if not missing:
+            return
+        try:
+            await client.config_set("notify-keyspace-events", flags + missing)
+        except ResponseError as exc:
+            raise DriverError(
+                f"watching needs keyspace notifications on {self._where()}, but "
+                f"notify-keyspace-events is {flags!r} and CONFIG SET failed ({exc}); "
+                f"configure the server with notify-keyspace-events {_NOTIFY_FLAGS}",
+                driver=self.name,
+            ) from exc
+
+    async def _listen(self, client: Redis, pubsub: PubSub, emit: EmitEvent, strip: int) -> None:
+        events: dict[bytes, Literal["update", "remove"]] = {
+            b"set": "update",
+            b"del": "remove",
+            b"expired": "remove",
+            b"evicted": "remove",
+        }
+        while True:
+            try:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+            except _UNREACHABLE:
+                # The server went away. Retry until it is back; a restarted server has lost
+                # its notification flags, so set them again (redis-py resubscribes itself).
+                await asyncio.sleep(0.5)
+                with contextlib.suppress(*_UNREACHABLE):
+                    await self._enable_notifications(client)
+                continue
+            if message is None or message["type"] != "pmessage":
+                continue
+            event = events.get(message["data"])
+            if event is not None:
+                emit(event, message["channel"][strip:].decode())
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def dispose(self) -> None:
+        for stop in list(self._watchers):
+            await stop()
+        for task in list(self._tasks):
+            task.cancel()
+        client, self._client = self._client, None
+        if client is not None and client is not self._given:
+            await client.aclose()

@@ -1,0 +1,435 @@
+"""RedisDriver specifics, against redis-server processes the tests start themselves."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import pytest
+from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.crc import key_slot
+
+from kvstorage import DriverError, DriverUnavailableError, Storage, create_storage
+from kvstorage.drivers import RedisDriver, from_url
+
+from .backends.redis import RedisServer, free_port, unique_base
+from .backends.redis_cluster import RedisCluster as ClusterProcesses
+from .helpers import eventually
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def raw(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+async def _raw_keys(raw: Redis, pattern: str) -> set[bytes]:
+    return {key async for key in raw.scan_iter(match=pattern, count=1000)}
+
+
+async def test_base_isolation(redis_server: RedisServer, raw: Redis) -> None:
+    base = unique_base()
+    outside = {
+        base: b"the key equal to the base",
+        base + "x": b"shares the prefix string",
+        base + "x:a": b"under a longer base",
+        "other:" + base + ":a": b"base in the middle",
+    }
+    await raw.mset(outside)
+    store = create_storage(RedisDriver(redis_server.url, base=base))
+    try:
+        await store.set_items({"a": 1, "b:c": 2})
+        assert await raw.exists(base + ":a", base + ":b:c") == 2
+        assert sorted(await store.get_keys()) == ["a", "b:c"]
+        assert await store.get_item("x:a") is None
+        await store.clear()
+        assert await store.get_keys() == []
+        assert await raw.mget(list(outside)) == list(outside.values())
+    finally:
+        await store.dispose()
+        await raw.delete(*outside)
+
+
+async def test_glob_characters_are_escaped(redis_server: RedisServer, raw: Redis) -> None:
+    stem = unique_base()
+    globby = RedisDriver(redis_server.url, base=stem + "?[ab]*")
+    # Keys an unescaped pattern "<stem>?[ab]*:*" would match:
+    lookalikes = [RedisDriver(redis_server.url, base=stem + name) for name in ("1a", "1azz")]
+    store = create_storage(globby)
+    try:
+        for other in lookalikes:
+            await create_storage(other).set_item("victim", 1)
+        await store.set_items({"k*": 1, "k?": 2, "[k]:x": 3, "k:x": 4, "kk:x": 5})
+        assert sorted(await store.get_keys()) == ["[k]:x", "k*", "k:x", "k?", "kk:x"]
+        assert await store.get_keys("[k]") == ["[k]:x"]
+        assert await store.get_keys("k") == ["k:x"]
+        assert await store.get_keys("k*") == []
+        await store.clear("[k]")
+        assert sorted(await store.get_keys()) == ["k*", "k:x", "k?", "kk:x"]
+        await store.clear()
+        assert await store.get_keys() == []
+        for other in lookalikes:
+            assert await create_storage(other).get_item("victim") == 1
+        # the keyspace-notification pattern is escaped too
+        events: list[tuple[str, str]] = []
+        unwatch = await store.watch(lambda event, key: events.append((event, key)))
+        await create_storage(lookalikes[0]).set_item("victim", 2)
+        await store.set_item("mine", 1)  # notifications arrive in order: this one comes last
+        await eventually(lambda: _contains(events, ("update", "mine")))
+        assert events == [("update", "mine")]
+        await unwatch()
+    finally:
+        for other in lookalikes:
+            await other.clear()
+            await other.dispose()
+        await store.dispose()
+
+
+async def _contains(events: list[tuple[str, str]], event: tuple[str, str]) -> bool:
+    return event in events
+
+
+def test_glob_escape() -> None:
+    from kvstorage.drivers.redis import _glob_escape
+
+    assert _glob_escape("a*b?c[d]e\\f") == "a\\*b\\?c\\[d\\]e\\\\f"
+    assert _glob_escape("plain:key") == "plain:key"
+
+
+async def test_etag_survives_other_writers_and_if_match(redis_server: RedisServer) -> None:
+    one = create_storage(RedisDriver(redis_server.url, base=(base := unique_base())))
+    two = create_storage(RedisDriver(redis_server.url, base=base))
+    try:
+        await one.set_item("k", 1)
+        entry = await two.get_entry("k")
+        assert entry is not None
+        await one.set_item("k", 1)  # same value, new etag: two's etag is stale
+        with pytest.raises(Exception, match="etag"):
+            await two.set_item("k", 2, if_match=entry.etag)
+        with pytest.raises(Exception, match="etag"):
+            await two.set_item("k", 2, if_match="not-an-etag")
+        assert await one.get_item("k") == 1
+    finally:
+        await one.clear()
+        await one.dispose()
+        await two.dispose()
+
+
+async def test_ttl_is_native_with_millisecond_precision(
+    redis_server: RedisServer, raw: Redis
+) -> None:
+    base = unique_base()
+    store = create_storage(RedisDriver(redis_server.url, base=base))
+    try:
+        await store.set_item("t", 1, ttl=0.25)
+        pttl = await raw.pttl(base + ":t")
+        assert 100 < pttl <= 250  # milliseconds, not rounded to seconds
+        meta = await store.get_meta("t")
+        assert meta is not None and meta.ttl is not None and 0.1 < meta.ttl <= 0.25
+        await store.set_items({"u": 1, "v": 2}, ttl=1.5)
+        assert 1000 < await raw.pttl(base + ":u") <= 1500
+        assert await store.touch("u", ttl=0.3)
+        assert 100 < await raw.pttl(base + ":u") <= 300
+        assert await store.touch("v", ttl=None)
+        assert await raw.pttl(base + ":v") == -1  # persisted
+        assert await store.get_item("v") == 2
+        # Redis itself deletes the keys: nothing to sweep, nothing left behind.
+        await eventually(lambda: _gone(raw, base + ":t", base + ":u"), within=3)
+        assert await store.sweep() == 0
+    finally:
+        await store.clear()
+        await store.dispose()
+
+
+async def _gone(raw: Redis, *names: str) -> bool:
+    return await raw.exists(*names) == 0
+
+
+async def test_values_not_written_by_kvstorage_are_reported(
+    redis_server: RedisServer, raw: Redis
+) -> None:
+    base = unique_base()
+    store = create_storage(RedisDriver(redis_server.url, base=base))
+    try:
+        await raw.set(base + ":foreign", b"plain")
+        with pytest.raises(DriverError, match="not written by kvstorage"):
+            await store.get_item("foreign")
+        with pytest.raises(DriverError, match="not written by kvstorage"):
+            await store.get_items(["missing", "foreign"])
+        assert await store.touch("foreign", ttl=10) is False
+        assert await raw.get(base + ":foreign") == b"plain"
+    finally:
+        await store.clear()
+        await store.dispose()
+
+
+async def test_given_client_is_used_and_not_closed(redis_server: RedisServer) -> None:
+    client = Redis.from_url(redis_server.url)
+    store = create_storage(RedisDriver(client=client, base=unique_base()))
+    await store.set_item("k", 1)
+    assert await store.get_item("k") == 1
+    await store.clear()
+    await store.dispose()
+    assert await client.ping() is True
+    await client.aclose()
+    with pytest.raises(ValueError, match="url or client"):
+        RedisDriver("redis://127.0.0.1:1/0", client=client)
+
+
+async def test_decoding_client_is_rejected(redis_server: RedisServer) -> None:
+    client = Redis.from_url(redis_server.url, decode_responses=True)
+    with pytest.raises(ValueError, match="decode"):
+        RedisDriver(client=client, base=unique_base())
+    await client.aclose()
+
+
+async def test_from_url(redis_server: RedisServer) -> None:
+    base = unique_base()
+    driver = from_url(f"{redis_server.url}?base={base}&socket_keepalive=true")
+    assert isinstance(driver, RedisDriver)
+    assert driver.base == base
+    assert driver.capabilities.watch and driver.capabilities.ttl
+    store = create_storage(driver)
+    await store.set_item("k", 1)
+    assert await RedisDriver(redis_server.url, base=base).get("k") is not None
+    assert base in repr(driver)
+    await store.clear()
+    await store.dispose()
+    with pytest.raises(ValueError, match="not a redis URL"):
+        RedisDriver("http://127.0.0.1/")
+    assert "secret" not in repr(RedisDriver("redis://user:secret@127.0.0.1:1/0"))
+
+
+def test_url_forms_choose_the_client() -> None:
+    from redis.asyncio.connection import SSLConnection
+
+    tls = RedisDriver("rediss://127.0.0.1:1/0?base=x")._open()
+    assert isinstance(tls, Redis) and tls.connection_pool.connection_class is SSLConnection
+    cluster = RedisDriver("redis+cluster://u:p@127.0.0.1:1,127.0.0.1:2?base=x&socket_timeout=2")
+    assert cluster.base == "x" and not cluster.capabilities.watch
+    client = cluster._open()
+    assert isinstance(client, RedisCluster)
+    assert sorted(node.port for node in client.startup_nodes) == [1, 2]
+    kwargs = client.startup_nodes[0].connection_kwargs
+    assert kwargs["password"] == "p" and kwargs["socket_timeout"] == 2.0
+    assert RedisDriver("redis://127.0.0.1:1/0", cluster=True)._open().__class__ is RedisCluster
+
+
+async def test_cluster_batches_across_slots(redis_cluster: ClusterProcesses) -> None:
+    base = unique_base()
+    driver = RedisDriver(redis_cluster.url, base=base)
+    assert not driver.capabilities.watch  # per-node notifications: the core reports events
+    store = create_storage(driver)
+    keys = [f"item:{i}" for i in range(600)]
+    slots = {key_slot(f"{base}:{key}".encode()) for key in keys}
+    assert len(slots) > 400  # spread over many slots, hence over all three nodes
+    try:
+        await store.set_items({key: i for i, key in enumerate(keys)})
+        assert await store.get_items(keys) == {key: i for i, key in enumerate(keys)}
+        await store.set_items({key: -i for i, key in enumerate(keys[:300])}, ttl=60)
+        meta = await store.get_meta(keys[0])
+        assert meta is not None and meta.ttl is not None and meta.ttl > 50
+        assert (await store.get_items(keys[:300]))[keys[299]] == -299
+        assert sorted(await store.get_keys("item")) == sorted(keys)
+        assert await store.remove_items([*keys[:500], "item:nope"]) == 500
+        assert sorted(await store.get_keys()) == sorted(keys[500:])
+        await store.clear()
+        assert await store.get_keys() == []
+    finally:
+        await store.clear()
+        await store.dispose()
+
+
+async def test_cluster_given_client_and_scan_every_node(redis_cluster: ClusterProcesses) -> None:
+    nodes = [ClusterNode("127.0.0.1", node.port) for node in redis_cluster.nodes]
+    client = RedisCluster(startup_nodes=nodes)
+    base = unique_base()
+    store = create_storage(RedisDriver(client=client, base=base))
+    try:
+        await store.set_items({f"n:{i}": i for i in range(200)})
+        per_node = []
+        for node in redis_cluster.nodes:
+            direct = Redis(port=node.port)
+            per_node.append(len(await _raw_keys(direct, f"{base}:*")))
+            await direct.aclose()
+        assert all(count > 0 for count in per_node) and sum(per_node) == 200
+        assert len(await store.get_keys("n")) == 200
+        await store.clear()
+        await store.dispose()
+        assert await client.ping() is True
+    finally:
+        await client.aclose()
+
+
+async def test_outage_and_restart(tmp_path: Path) -> None:
+    server = RedisServer(free_port(), tmp_path / "outage")
+    server.start()
+    store: Storage = create_storage(RedisDriver(server.url, base="app"))
+    events: list[tuple[str, str]] = []
+    await store.watch(lambda event, key: events.append((event, key)))
+    try:
+        await store.set_item("k", 1)
+        server.stop()
+        for call in (store.get_item("k"), store.set_item("k", 2), store.get_keys()):
+            started = time.monotonic()
+            with pytest.raises(DriverUnavailableError, match=f"127.0.0.1:{server.port}"):
+                await call
+            assert time.monotonic() - started < 5
+        server.start()  # same port, empty database
+        assert await store.get_item("k") is None
+        await store.set_item("k", 3)
+        assert await store.get_item("k") == 3
+        assert await store.get_items(["k"]) == {"k": 3}
+
+        async def watching_again() -> bool:  # the watcher reconnects and re-enables events
+            await store.set_item("again", 1)
+            return ("update", "again") in events
+
+        await eventually(watching_again, within=5)
+    finally:
+        await store.dispose()
+        server.stop()
+
+
+async def test_hung_server_fails_within_the_timeout() -> None:
+    import socket
+
+    with socket.socket() as listener:  # accepts connections (backlog), never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        port = listener.getsockname()[1]
+        store = create_storage(RedisDriver(f"redis://127.0.0.1:{port}/0", timeout=0.5))
+        started = time.monotonic()
+        with pytest.raises(DriverUnavailableError, match=f"127.0.0.1:{port}"):
+            await store.get_item("k")
+        assert time.monotonic() - started < 2
+        await store.dispose()
+
+
+async def test_unreachable_cluster_is_reported() -> None:
+    port = free_port()
+    driver = RedisDriver(f"redis+cluster://127.0.0.1:{port}?socket_connect_timeout=1")
+    store = create_storage(driver)
+    started = time.monotonic()
+    with pytest.raises(DriverUnavailableError, match=f"127.0.0.1:{port}"):
+        await store.get_item("k")
+    assert time.monotonic() - started < 5
+    await store.dispose()
+
+
+async def test_watch_reports_other_writers_and_expiry(
+    redis_server: RedisServer, raw: Redis
+) -> None:
+    base = unique_base()
+    store = create_storage(RedisDriver(redis_server.url, base=base))
+    events: list[tuple[str, str]] = []
+    unwatch = await store.watch(lambda event, key: events.append((event, key)))
+
+    async def seen(*expected: tuple[str, str]) -> bool:
+        return all(e in events for e in expected)
+
+    try:
+        await raw.set(base + "x:a", b"outside the base")
+        other = create_storage(RedisDriver(redis_server.url, base=base))
+        await other.set_item("from:other", 1)  # another client: only Redis can tell us
+        await store.set_item("short", 1, ttl=0.2)
+        await eventually(lambda: seen(("update", "from:other"), ("update", "short")))
+        # expiry is reported without anyone reading the key
+        await eventually(lambda: seen(("remove", "short")), within=5)
+        await other.remove_item("from:other")
+        await eventually(lambda: seen(("remove", "from:other")))
+        assert all(not key.startswith("x:") and base not in key for _, key in events)
+        await other.dispose()
+    finally:
+        await unwatch()
+        await raw.delete(base + "x:a")
+        await store.clear()
+        await store.dispose()
+
+
+async def test_watch_needs_keyspace_events(redis_server: RedisServer, raw: Redis) -> None:
+    store = create_storage(RedisDriver(redis_server.url, base=unique_base()))
+    flags = (await raw.config_get("notify-keyspace-events"))["notify-keyspace-events"]
+    await raw.config_set("notify-keyspace-events", "")
+    await raw.acl_setuser(
+        "noconfig",
+        enabled=True,
+        nopass=True,
+        commands=["+@all", "-config|set"],
+        keys=["*"],
+        channels=["*"],
+    )
+    limited = create_storage(
+        RedisDriver(f"redis://noconfig@127.0.0.1:{redis_server.port}/0", base=unique_base())
+    )
+    try:
+        with pytest.raises(DriverError, match=r"notify-keyspace-events Kg\$xe"):
+            await limited.watch(lambda event, key: None)
+        events: list[tuple[str, str]] = []
+        await store.watch(lambda event, key: events.append((event, key)))  # turns them on
+        enabled = (await raw.config_get("notify-keyspace-events"))["notify-keyspace-events"]
+        assert set("Kg$xe") <= set(enabled)
+        await store.set_item("k", 1)
+        await eventually(lambda: _contains(events, ("update", "k")))
+    finally:
+        await limited.dispose()
+        await store.dispose()
+        await raw.acl_deluser("noconfig")
+        await raw.config_set("notify-keyspace-events", flags)
+
+
+async def test_watch_with_config_disabled_trusts_the_server(tmp_path: Path) -> None:
+    args = ("--rename-command", "CONFIG", "", "--notify-keyspace-events", "KEA")
+    server = RedisServer(free_port(), tmp_path / "noconfig", args)
+    server.start()
+    store = create_storage(RedisDriver(server.url, base="app"))
+    events: list[tuple[str, str]] = []
+    try:
+        await store.watch(lambda event, key: events.append((event, key)))
+        await store.set_item("k", 1)
+        await eventually(lambda: _contains(events, ("update", "k")))
+    finally:
+        await store.dispose()
+        server.stop()
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_trio_is_refused_clearly(redis_server: RedisServer) -> None:
+    store = create_storage(RedisDriver(redis_server.url, base=unique_base()))
+    with pytest.raises(DriverError, match="only on asyncio"):
+        await store.get_item("k")
+    await store.dispose()
+
+
+async def _calls(raw: Redis, command: str) -> int:
+    stats = await raw.info("commandstats")
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+async def test_concurrent_reads_are_pipelined(redis_server: RedisServer, raw: Redis) -> None:
+    base = unique_base()
+    store = create_storage(RedisDriver(redis_server.url, base=base))
+    try:
+        await store.set_items({f"c:{i}": i for i in range(200)})
+        results: list[object] = [None] * 201
+        gets, mgets = await _calls(raw, "get"), await _calls(raw, "mget")
+
+        async def read(i: int) -> None:
+            results[i] = await store.get_item(f"c:{i}")
+
+        async with anyio.create_task_group() as group:
+            for i in range(201):
+                group.start_soon(read, i)
+        assert results == [*range(200), None]
+        # a few GETs went out alone; the rest shared MGETs
+        assert await _calls(raw, "get") - gets < 20
+        assert await _calls(raw, "mget") - mgets >= 1
+    finally:
+        await store.clear()
+        await store.dispose()
