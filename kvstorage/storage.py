@@ -458,27 +458,34 @@ class Storage:
 
     # -- batches ------------------------------------------------------------------------
 
-    def _group(self, keys: Iterable[str]) -> dict[_Mount, list[tuple[str, str]]]:
-        groups: dict[_Mount, list[tuple[str, str]]] = {}
-        for key in keys:
-            nk, mount, rel = self._locate(key)
-            groups.setdefault(mount, []).append((nk, rel))
+    def _group(
+        self, located: list[tuple[str, _Mount, str]]
+    ) -> dict[_Mount, tuple[list[str], list[str]]]:
+        """{mount: (normalized keys, driver keys)} for keys located by :meth:`_locate`."""
+        groups: dict[_Mount, tuple[list[str], list[str]]] = {}
+        for nk, mount, rel in located:
+            group = groups.get(mount)
+            if group is None:
+                group = groups[mount] = ([], [])
+            group[0].append(nk)
+            group[1].append(rel)
         return groups
 
     async def get_items(self, keys: Iterable[str]) -> dict[str, Any]:
         """Return ``{normalized key: value or None}`` in input order, one driver batch per
         mount."""
-        keys = list(keys)
-        result: dict[str, Any] = dict.fromkeys(normalize_key(key) for key in keys)
-        for mount, pairs in self._group(keys).items():
+        located = [self._locate(key) for key in keys]
+        result: dict[str, Any] = dict.fromkeys(nk for nk, _, _ in located)
+        groups = self._group(located)
+        for mount, (nks, rels) in groups.items():
             loads = mount.serializer.loads
             try:
-                records = await mount.driver.get_many([rel for _, rel in pairs])
+                records = await mount.driver.get_many(rels)
             except Exception as exc:
                 _fail(mount, exc)
             now = time.time()
-            for (nk, _), record in zip(pairs, records, strict=True):
-                if record is not None and not is_expired(record.expires_at, now):
+            for nk, record in zip(nks, records, strict=True):
+                if record is not None and (record.expires_at is None or record.expires_at > now):
                     result[nk] = loads(record.value)
         return result
 
@@ -511,16 +518,18 @@ class Storage:
     async def remove_items(self, keys: Iterable[str]) -> int:
         """Delete many keys, one driver batch per mount; return how many existed."""
         removed = 0
-        for mount, pairs in self._group(keys).items():
+        groups = self._group([self._locate(key) for key in keys])
+        for mount in groups:
             self._check_writable(mount)
+        for mount, (nks, rels) in groups.items():
             try:
                 if self._state.watchers and mount.emits:
-                    for nk, rel in pairs:  # one by one, so each event is exact
+                    for nk, rel in zip(nks, rels, strict=True):  # one by one: exact events
                         if await mount.driver.remove(rel):
                             removed += 1
                             self._state.emit("remove", self._prefix + nk)
                 else:
-                    removed += await mount.driver.remove_many([rel for _, rel in pairs])
+                    removed += await mount.driver.remove_many(rels)
             except Exception as exc:
                 _fail(mount, exc)
         return removed
