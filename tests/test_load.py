@@ -12,11 +12,13 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from .backends.redis import RedisServer
 from .load.generator import run_load
 from .reliability import record
 
@@ -96,3 +98,8 @@ async def test_load_fs(serve: object, tmp_path: Path) -> None:
 
 async def test_load_sqlite(serve: object, tmp_path: Path) -> None:
     await _load("sqlite", serve(f"sqlite:///{tmp_path / 'sessions.db'}"))  # type: ignore[operator]
+
+
+async def test_load_redis(serve: object, redis_server: RedisServer) -> None:
+    url = f"{redis_server.url}?base=load-{uuid.uuid4().hex[:8]}"
+    await _load("redis", serve(url))  # type: ignore[operator]
