@@ -15,6 +15,7 @@ from redis.crc import key_slot
 from kvstorage import DriverError, DriverUnavailableError, Storage, create_storage
 from kvstorage.drivers import RedisDriver, from_url
 
+from . import reliability
 from .backends.redis import RedisServer, free_port, unique_base
 from .backends.redis_cluster import RedisCluster as ClusterProcesses
 from .helpers import eventually
@@ -276,10 +277,12 @@ async def test_outage_and_restart(tmp_path: Path) -> None:
     try:
         await store.set_item("k", 1)
         server.stop()
+        slowest = 0.0
         for call in (store.get_item("k"), store.set_item("k", 2), store.get_keys()):
             started = time.monotonic()
             with pytest.raises(DriverUnavailableError, match=f"127.0.0.1:{server.port}"):
                 await call
+            slowest = max(slowest, time.monotonic() - started)
             assert time.monotonic() - started < 5
         server.start()  # same port, empty database
         assert await store.get_item("k") is None
@@ -292,6 +295,14 @@ async def test_outage_and_restart(tmp_path: Path) -> None:
             return ("update", "again") in events
 
         await eventually(watching_again, within=5)
+        reliability.record(
+            "faults",
+            "redis: server stopped and restarted under a running storage",
+            calls_while_down=3,
+            failed_cleanly=3,
+            slowest_failure_s=round(slowest, 2),
+            recovered_without_new_storage=True,
+        )
     finally:
         await store.dispose()
         server.stop()
@@ -308,7 +319,11 @@ async def test_hung_server_fails_within_the_timeout() -> None:
         started = time.monotonic()
         with pytest.raises(DriverUnavailableError, match=f"127.0.0.1:{port}"):
             await store.get_item("k")
-        assert time.monotonic() - started < 2
+        elapsed = time.monotonic() - started
+        assert elapsed < 2
+        reliability.record(
+            "faults", "redis: server accepts but never answers", failed_after_s=round(elapsed, 2)
+        )
         await store.dispose()
 
 
