@@ -129,12 +129,13 @@ def unique_base() -> str:
     return f"kvt-{uuid.uuid4().hex}"
 
 
-@pytest.fixture
-async def redis_driver_factory(redis_server: RedisServer) -> AsyncIterator[DriverFactory]:
+async def drivers_at(url: str) -> AsyncIterator[DriverFactory]:
+    """A factory of drivers on ``url``, each under its own base; at the end each one
+    deletes its own keys (never anything else) and is disposed."""
     made: list[RedisDriver] = []
 
     def make() -> RedisDriver:
-        driver = RedisDriver(redis_server.url, base=unique_base())
+        driver = RedisDriver(url, base=unique_base())
         made.append(driver)
         return driver
 
@@ -142,3 +143,9 @@ async def redis_driver_factory(redis_server: RedisServer) -> AsyncIterator[Drive
     for driver in made:
         await driver.clear()
         await driver.dispose()
+
+
+@pytest.fixture
+async def redis_driver_factory(redis_server: RedisServer) -> AsyncIterator[DriverFactory]:
+    async for factory in drivers_at(redis_server.url):
+        yield factory

@@ -15,10 +15,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from kvstorage.drivers import RedisDriver
-
 from . import DriverFactory, require_service
-from .redis import RedisServer, free_port, require_redis, unique_base
+from .redis import RedisServer, drivers_at, free_port, require_redis
 
 
 @dataclass
@@ -85,14 +83,5 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
 async def redis_cluster_driver_factory(
     redis_cluster: RedisCluster,
 ) -> AsyncIterator[DriverFactory]:
-    made: list[RedisDriver] = []
-
-    def make() -> RedisDriver:
-        driver = RedisDriver(redis_cluster.url, base=unique_base())
-        made.append(driver)
-        return driver
-
-    yield make
-    for driver in made:
-        await driver.clear()
-        await driver.dispose()
+    async for factory in drivers_at(redis_cluster.url):
+        yield factory
