@@ -36,11 +36,12 @@ Contract, in short:
 
 from __future__ import annotations
 
+import functools
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal, NamedTuple
+from typing import ClassVar, Literal, NamedTuple, cast
 
 from .errors import ConditionFailedError, DriverError
 
@@ -54,6 +55,7 @@ __all__ = [
     "depth_below",
     "is_expired",
     "key_range",
+    "make_record",
     "require_asyncio",
 ]
 
@@ -96,6 +98,14 @@ class Record(NamedTuple):
     """Last write, Unix seconds, or None when the backend does not know."""
     expires_at: float | None = None
     """Absolute expiry, Unix seconds, or None."""
+
+
+#: ``make_record((value, etag, mtime, expires_at))`` builds a :class:`Record` without the
+#: named tuple's Python-level ``__new__`` (about 3x faster): for drivers' hot paths.
+make_record = cast(
+    "Callable[[tuple[bytes, str, float | None, float | None]], Record]",
+    functools.partial(tuple.__new__, Record),
+)
 
 
 class Stat(NamedTuple):

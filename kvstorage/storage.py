@@ -458,12 +458,17 @@ class Storage:
 
     # -- batches ------------------------------------------------------------------------
 
-    def _group(
-        self, located: list[tuple[str, _Mount, str]]
-    ) -> dict[_Mount, tuple[list[str], list[str]]]:
-        """{mount: (normalized keys, driver keys)} for keys located by :meth:`_locate`."""
+    def _group(self, keys: Iterable[str]) -> dict[_Mount, tuple[list[str], list[str]]]:
+        """Locate every key once: {mount: (normalized keys, driver keys)}, in input
+        order within each mount."""
+        routes = self._state.routes
+        if len(routes) == 1:  # no mounts: one group, no routing
+            nks = [normalize_key(key) for key in keys]
+            prefix = self._prefix
+            return {routes[0]: (nks, [prefix + nk for nk in nks] if prefix else nks)}
         groups: dict[_Mount, tuple[list[str], list[str]]] = {}
-        for nk, mount, rel in located:
+        for key in keys:
+            nk, mount, rel = self._locate(key)
             group = groups.get(mount)
             if group is None:
                 group = groups[mount] = ([], [])
@@ -474,9 +479,12 @@ class Storage:
     async def get_items(self, keys: Iterable[str]) -> dict[str, Any]:
         """Return ``{normalized key: value or None}`` in input order, one driver batch per
         mount."""
-        located = [self._locate(key) for key in keys]
-        result: dict[str, Any] = dict.fromkeys(nk for nk, _, _ in located)
-        groups = self._group(located)
+        keys = list(keys)
+        groups = self._group(keys)
+        if len(groups) == 1:
+            result: dict[str, Any] = dict.fromkeys(next(iter(groups.values()))[0])
+        else:
+            result = dict.fromkeys(map(normalize_key, keys))
         for mount, (nks, rels) in groups.items():
             loads = mount.serializer.loads
             try:
@@ -518,7 +526,7 @@ class Storage:
     async def remove_items(self, keys: Iterable[str]) -> int:
         """Delete many keys, one driver batch per mount; return how many existed."""
         removed = 0
-        groups = self._group([self._locate(key) for key in keys])
+        groups = self._group(keys)
         for mount in groups:
             self._check_writable(mount)
         for mount, (nks, rels) in groups.items():

@@ -7,17 +7,20 @@ import itertools
 import time
 from collections.abc import AsyncGenerator, Sequence
 
-from ..driver import Capabilities, Driver, Record, base_covers, depth_below, is_expired
+from ..driver import (
+    Capabilities,
+    Driver,
+    Record,
+    base_covers,
+    depth_below,
+    is_expired,
+    make_record,
+)
 from ..errors import ConditionFailedError
 
 __all__ = ["MemoryDriver"]
 
 _versions = itertools.count(1)
-
-
-def _record(fields: tuple[bytes, str, float | None, float | None]) -> Record:
-    """Build a Record without the Python-level ``__new__`` of named tuples (hot path)."""
-    return tuple.__new__(Record, fields)
 
 
 class MemoryDriver(Driver):
@@ -98,7 +101,7 @@ class MemoryDriver(Driver):
             data.pop(key, None)
             while len(data) >= self._max_entries:
                 del data[next(iter(data))]
-        data[key] = _record((value, str(next(_versions)), time.time(), expires_at))
+        data[key] = make_record((value, str(next(_versions)), time.time(), expires_at))
 
     async def set_many(
         self, items: Sequence[tuple[str, bytes]], *, expires_at: float | None = None

@@ -72,7 +72,15 @@ from redis.exceptions import (
     TimeoutError,
 )
 
-from ..driver import Capabilities, Driver, EmitEvent, Record, Stat, require_asyncio
+from ..driver import (
+    Capabilities,
+    Driver,
+    EmitEvent,
+    Record,
+    Stat,
+    make_record,
+    require_asyncio,
+)
 from ..errors import ConditionFailedError, DriverError, DriverUnavailableError
 from ..keys import normalize_base
 
@@ -163,7 +171,7 @@ def _decode(data: bytes) -> Record:
     if not data.startswith(_MAGIC) or len(data) < _HEADER_SIZE:
         raise ValueError("no kvstorage header")
     mtime, expires_at = _TIMES.unpack_from(data, 16)
-    return Record(data[_HEADER_SIZE:], data[4:16].hex(), mtime, expires_at or None)
+    return make_record((data[_HEADER_SIZE:], data[4:16].hex(), mtime, expires_at or None))
 
 
 def _token(etag: str) -> bytes | None:

@@ -20,7 +20,15 @@ import aiosqlite
 import anyio
 import anyio.to_thread
 
-from ..driver import Capabilities, Driver, Record, Stat, key_range, require_asyncio
+from ..driver import (
+    Capabilities,
+    Driver,
+    Record,
+    Stat,
+    key_range,
+    make_record,
+    require_asyncio,
+)
 from ..errors import ConditionFailedError, DriverError, DriverUnavailableError
 
 __all__ = ["SQLiteDriver"]
@@ -344,7 +352,7 @@ class SQLiteDriver(Driver):
             db = await self._connection()
             rows = await db.execute_fetchall(sql, (*chunk, time.time()))
             for key, value, version, mtime, expiry in rows:
-                found[key] = Record(value, str(version), mtime, expiry)
+                found[key] = make_record((value, str(version), mtime, expiry))
         return [found.get(key) for key in keys]
 
     async def set_many(
