@@ -41,7 +41,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal, NamedTuple, cast
+from typing import ClassVar, Literal, NamedTuple, Self, cast
 
 from .errors import ConditionFailedError, DriverError
 
@@ -126,6 +126,12 @@ class Driver(ABC):
     capabilities: Capabilities = Capabilities()
     #: Writes raise :class:`~kvstorage.errors.ReadOnlyError` (checked by the core too).
     read_only: bool = False
+
+    @classmethod
+    def from_url(cls, url: str) -> Self:
+        """Build a driver from its URL form (see :func:`kvstorage.drivers.from_url`).
+        Drivers that have a URL form override this."""
+        raise NotImplementedError(f"{cls.__name__} has no URL form")
 
     # -- the four required operations ---------------------------------------------------
 

@@ -85,5 +85,4 @@ def from_url(url: str) -> Driver:
     if class_name is None:
         known = ", ".join(f"{s}://" for s in _SCHEMES)
         raise ValueError(f"unknown storage URL {url!r}; known schemes: {known}")
-    driver: Driver = _load(class_name).from_url(url)  # type: ignore[attr-defined]
-    return driver
+    return _load(class_name).from_url(url)
