@@ -1,0 +1,299 @@
+"""Network faults against the Redis and S3 drivers, through real proxies on loopback.
+
+* Redis behind a TCP proxy that stalls (a black hole) and then cuts (resets) connections,
+  and a Redis server stopped and restarted, each under concurrent load: every call fails
+  with ``DriverError`` within a bounded time, none hangs, the same ``Storage`` works again
+  once the fault ends, and no acknowledged write is lost.
+* S3 (moto) behind an HTTP proxy answering 500/503 for a seeded fifth of the requests
+  (before or after forwarding them) and delaying others: batches and listing succeed
+  through botocore's retries, and listing returns every key exactly once.
+
+The figures go to RELIABILITY.md (section "faults").
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from kvstorage import DriverError, Storage, create_storage
+from kvstorage.drivers import RedisDriver
+
+from . import reliability
+from .backends.redis import RedisServer, free_port, require_redis, unique_base
+from .backends.s3 import REGION
+from .faults.http_proxy import HttpFaultProxy
+from .faults.tcp_proxy import Mode, TcpFaultProxy
+
+pytestmark = pytest.mark.anyio
+
+TIMEOUT = 1.0  # the drivers' timeout in these tests
+BOUND = 3.0  # no call may take longer (3 x TIMEOUT)
+HUNG = 10.0  # a call still running after this long counts as hung and is cancelled
+WORKERS = 8
+KEYS_PER_WORKER = 4
+
+
+@dataclass
+class Call:
+    """One storage call made by the load."""
+
+    op: str
+    started: float
+    ended: float
+    error: BaseException | None
+
+    @property
+    def seconds(self) -> float:
+        return self.ended - self.started
+
+
+@dataclass
+class Write:
+    """One ``set_item`` of ``value``; ``acked`` when it returned normally."""
+
+    value: int
+    started: float
+    acked: bool
+
+
+@dataclass
+class Load:
+    """Concurrent workers doing set/get/get_items on their own keys and update_item on a
+    shared counter, recording every call and every write."""
+
+    store: Storage
+    calls: list[Call] = field(default_factory=list)
+    writes: dict[str, list[Write]] = field(default_factory=lambda: defaultdict(list))
+    increments: Counter[str] = field(default_factory=Counter)  # acked / failed
+    stale_reads: list[tuple[str, Any]] = field(default_factory=list)
+    since: float = 0.0  # reads and the final check only trust writes started after this
+    _stopping: anyio.Event = field(default_factory=anyio.Event)
+
+    async def run(self, phases: list[tuple[float, Any]]) -> None:
+        """Run the workers while calling each ``(seconds, action)`` phase in turn: the
+        action (if any) runs first, then the load runs for ``seconds``."""
+        async with anyio.create_task_group() as group:
+            for worker in range(WORKERS):
+                group.start_soon(self._worker, worker)
+            for seconds, action in phases:
+                if action is not None:
+                    await action()
+                await anyio.sleep(seconds)
+            self._stopping.set()
+
+    def allowed(self, key: str) -> set[Any] | None:
+        """Values ``key`` may hold now: the last acknowledged write (started after
+        ``since``) or any failed write after it; None when nothing is known."""
+        allowed: set[Any] | None = None
+        for write in self.writes[key]:
+            if write.acked and write.started >= self.since:
+                allowed = {write.value}
+            elif not write.acked and allowed is not None:
+                allowed.add(write.value)
+        return allowed
+
+    async def _call(self, op: str, call: Any) -> Any:
+        started = time.monotonic()
+        error: BaseException | None = None
+        result = None
+        try:
+            with anyio.fail_after(HUNG):
+                result = await call
+        except Exception as exc:  # judged by the test: DriverError expected, never a hang
+            error = exc
+        self.calls.append(Call(op, started, time.monotonic(), error))
+        if error is not None:
+            await anyio.sleep(0.02)  # like any client: no hot loop against a dead server
+            raise error
+        return result
+
+    async def _worker(self, worker: int) -> None:
+        rng = random.Random(worker)
+        version = 0
+        while not self._stopping.is_set():
+            key = f"w{worker}:k{rng.randrange(KEYS_PER_WORKER)}"
+            roll = rng.random()
+            try:
+                if roll < 0.4:
+                    version += 1
+                    write = Write(version, time.monotonic(), acked=False)
+                    self.writes[key].append(write)
+                    await self._call("set", self.store.set_item(key, version))
+                    write.acked = True
+                elif roll < 0.7:
+                    started = time.monotonic()
+                    value = await self._call("get", self.store.get_item(key))
+                    self._check_read(key, value, started)
+                elif roll < 0.85:
+                    keys = [f"w{worker}:k{i}" for i in range(KEYS_PER_WORKER)]
+                    started = time.monotonic()
+                    values = await self._call("get_items", self.store.get_items(keys))
+                    for name in keys:
+                        self._check_read(name, values.get(name), started)
+                else:
+                    try:
+                        await self._call(
+                            "update_item", self.store.update_item("counter", _increment)
+                        )
+                    except Exception:
+                        self.increments["failed"] += 1
+                        raise
+                    self.increments["acked"] += 1
+            except Exception:
+                continue
+
+    def _check_read(self, key: str, value: Any, started: float) -> None:
+        if started < self.since:
+            return
+        allowed = self.allowed(key)
+        if allowed is not None and value not in allowed:
+            self.stale_reads.append((key, value))
+
+    async def lost_writes(self) -> list[tuple[str, Any, set[Any]]]:
+        """Keys whose value is not what the acknowledged writes left (read with no fault)."""
+        lost = []
+        keys = list(self.writes)
+        values = await self.store.get_items(keys)
+        for key in keys:
+            allowed = self.allowed(key)
+            if allowed is not None and values.get(key) not in allowed:
+                lost.append((key, values.get(key), allowed))
+        return lost
+
+
+def _increment(value: int | None) -> int:
+    return (value or 0) + 1
+
+
+def _window(load: Load, start: float, end: float) -> list[Call]:
+    """Calls made entirely within a fault, once it has surely taken effect."""
+    return [c for c in load.calls if c.started >= start + 0.1 and c.ended <= end]
+
+
+def _check_calls(load: Load) -> None:
+    unexpected = [c for c in load.calls if c.error and not isinstance(c.error, DriverError)]
+    assert not unexpected, f"calls failed with something else than DriverError: {unexpected[:5]}"
+    slowest = max(load.calls, key=lambda c: c.seconds)
+    assert slowest.seconds < BOUND, f"a call took {slowest.seconds:.2f} s: {slowest}"
+    assert not load.stale_reads, f"reads missed acknowledged writes: {load.stale_reads[:5]}"
+
+
+def _fault_figures(load: Load, start: float, end: float, recovered_at: float) -> dict[str, Any]:
+    """Assert the calls made during a fault all failed, the ones after it succeed, and
+    return the figures to record."""
+    during = _window(load, start, end)
+    assert during, "no call was made during the fault"
+    succeeded = [c for c in during if c.error is None]
+    assert not succeeded, f"calls succeeded during the fault: {succeeded[:5]}"
+    after = [c for c in load.calls if recovered_at <= c.started and c.ended <= recovered_at + 1]
+    assert after, "no call was made after the fault"
+    failed = [c for c in after if c.error is not None]
+    assert not failed, f"calls still failed after the fault: {failed[:5]}"
+    return {
+        "calls_during_fault": len(during),
+        "failed_cleanly": len(during),
+        "max_failure_s": round(max(c.seconds for c in during), 2),
+        "calls_after_recovery": len(after),
+        "recovered": True,
+    }
+
+
+@pytest.fixture
+def proxy(redis_server: RedisServer) -> Iterator[TcpFaultProxy]:
+    proxy = TcpFaultProxy(redis_server.port)
+    yield proxy
+    proxy.close()
+
+
+async def test_redis_through_a_proxy_that_stalls_then_cuts(proxy: TcpFaultProxy) -> None:
+    store = create_storage(RedisDriver(proxy.url, base=unique_base(), timeout=TIMEOUT))
+    load = Load(store)
+    marks: dict[str, float] = {}
+
+    def switch(mode: Mode, mark: str) -> Any:
+        async def action() -> None:
+            marks[mark + ":switch"] = time.monotonic()  # before: calls may still succeed
+            await anyio.to_thread.run_sync(proxy.set_mode, mode)
+            marks[mark] = time.monotonic()
+
+        return action
+
+    try:
+        await load.run(
+            [
+                (0.5, None),
+                (2.5, switch(Mode.STALL, "stall")),
+                (1.5, switch(Mode.NORMAL, "unstall")),
+                (1.5, switch(Mode.CUT, "cut")),
+                (1.5, switch(Mode.NORMAL, "uncut")),
+            ]
+        )
+        _check_calls(load)
+        # A call waiting for a reply when the stall ends still times out: recovery is
+        # judged on the calls started after the switch back.
+        stall = _fault_figures(load, marks["stall"], marks["unstall:switch"], marks["unstall"])
+        cut = _fault_figures(load, marks["cut"], marks["uncut:switch"], marks["uncut"])
+        lost = await load.lost_writes()
+        assert not lost, f"acknowledged writes lost: {lost[:5]}"
+        counter = await store.get_item("counter")
+        assert load.increments["acked"] <= counter <= sum(load.increments.values())
+    finally:
+        await store.clear()
+        await store.dispose()
+    acked = sum(w.acked for writes in load.writes.values() for w in writes)
+    common = {"calls": len(load.calls), "acked_writes": acked, "lost_writes": 0, "hung": 0}
+    reliability.record("faults", "redis: proxy stalls connections", **common, **stall)
+    reliability.record("faults", "redis: proxy cuts connections", **common, **cut)
+
+
+@pytest.mark.slow
+async def test_redis_killed_and_restarted_under_load(tmp_path: Path) -> None:
+    require_redis()
+    server = RedisServer(free_port(), tmp_path / "restart")
+    server.start()
+    store = create_storage(RedisDriver(server.url, base=unique_base(), timeout=TIMEOUT))
+    load = Load(store)
+    marks: dict[str, float] = {}
+
+    async def kill() -> None:
+        marks["kill:switch"] = time.monotonic()
+        await anyio.to_thread.run_sync(server.stop)
+        marks["kill"] = time.monotonic()
+
+    async def restart() -> None:
+        marks["restart:switch"] = time.monotonic()
+        await anyio.to_thread.run_sync(server.start)
+        # The new server starts empty: only writes from now on must survive.
+        load.since = marks["restart"] = time.monotonic()
+
+    try:
+        await load.run([(0.5, None), (1.5, kill), (1.5, restart)])
+        _check_calls(load)
+        figures = _fault_figures(load, marks["kill"], marks["restart:switch"], marks["restart"])
+        lost = await load.lost_writes()
+        assert not lost, f"acknowledged writes lost: {lost[:5]}"
+        counter = await store.get_item("counter")
+        after = [c for c in load.calls if c.op == "update_item" and c.started >= load.since]
+        assert sum(c.error is None for c in after) <= counter <= sum(load.increments.values())
+    finally:
+        await store.dispose()
+        server.stop()
+    acked = sum(w.acked and w.started >= load.since for ws in load.writes.values() for w in ws)
+    reliability.record(
+        "faults",
+        "redis: server killed and restarted under load",
+        calls=len(load.calls),
+        acked_writes=acked,
+        lost_writes=0,
+        hung=0,
+        **figures,
+    )
