@@ -297,3 +297,133 @@ async def test_redis_killed_and_restarted_under_load(tmp_path: Path) -> None:
         hung=0,
         **figures,
     )
+
+
+# -- S3 -------------------------------------------------------------------------------------
+
+BULK = 250  # in pages of 100 (the proxy asks for them; S3 may return short pages)
+PAGE = 100
+WRITES = 200  # single writes with the default retries
+FAIL_BEFORE = 0.1  # answered 500/503 without reaching moto
+FAIL_AFTER = 0.1  # reached moto (took effect), answered 500/503 all the same
+DELAYED = 0.1  # held 200 ms first
+
+
+@pytest.fixture
+def s3_proxy(s3_endpoint: str) -> Iterator[HttpFaultProxy]:
+    proxy = HttpFaultProxy(
+        s3_endpoint,
+        seed=7,
+        fail_before=FAIL_BEFORE,
+        fail_after=FAIL_AFTER,
+        delay_rate=DELAYED,
+        max_keys=PAGE,
+    )
+    yield proxy
+    proxy.close()
+
+
+def _s3_storage(bucket: str, endpoint: str, **options: Any) -> Storage:
+    from kvstorage.drivers import S3Driver
+
+    return create_storage(
+        S3Driver(bucket, prefix=unique_base(), endpoint_url=endpoint, region=REGION, **options)
+    )
+
+
+@pytest.mark.slow
+async def test_s3_batches_and_listing_survive_failing_and_slow_requests(
+    s3_proxy: HttpFaultProxy, s3_bucket: str
+) -> None:
+    from aiobotocore.config import AioConfig
+
+    # 10 attempts: with a fifth of the requests failing, 1 in 10^7 requests exhausts them
+    # (1 in 125 with the default 3, see the next test).
+    retries = AioConfig(retries={"mode": "standard", "max_attempts": 10})
+    store = _s3_storage(
+        s3_bucket, s3_proxy.url, max_concurrency=32, client_options={"config": retries}
+    )
+    keys = [f"bulk:{i:05d}" for i in range(BULK)]
+    try:
+        with anyio.fail_after(60):
+            await store.set_items([(key, i) for i, key in enumerate(keys)])
+            listed = await store.get_keys("bulk")
+            duplicates = sum(n - 1 for n in Counter(listed).values())
+            assert duplicates == 0
+            assert sorted(listed) == keys
+            sample = keys[::5]
+            assert await store.get_items(sample) == {key: keys.index(key) for key in sample}
+
+            async def one(i: int) -> None:
+                await store.set_item(f"single:{i}", {"n": i})
+                assert await store.get_item(f"single:{i}") == {"n": i}
+
+            async with anyio.create_task_group() as group:
+                for i in range(20):
+                    group.start_soon(one, i)
+            removed = keys[:120]
+            assert await store.remove_items(removed) == len(removed)
+            relisted = await store.get_keys("bulk")
+            assert sorted(relisted) == keys[120:]
+            assert len(await store.get_keys("single")) == 20
+    finally:
+        s3_proxy.delay_rate = s3_proxy.fail_before = s3_proxy.fail_after = 0.0
+        await store.clear()
+        await store.dispose()
+    counters = s3_proxy.counters
+    assert counters.failed_before and counters.failed_after and counters.delayed
+    reliability.record(
+        "faults",
+        "s3: proxy fails 20% of requests (500/503), delays 10% by 200 ms",
+        requests=counters.requests,
+        injected_failures=counters.failed,
+        failed_after_forwarding=counters.failed_after,
+        injected_delays=counters.delayed,
+        keys_listed=len(listed) + len(relisted),
+        pages_requested=counters.pages,
+        duplicates=duplicates,
+        failed_calls=0,
+    )
+
+
+@pytest.mark.slow
+async def test_s3_default_retries_fail_cleanly_when_exhausted(
+    s3_proxy: HttpFaultProxy, s3_bucket: str
+) -> None:
+    # The driver's default, botocore standard mode with 3 attempts (as in AWS's SDKs), is
+    # meant for the rare 5xx of a healthy S3; at 20% failures some calls exhaust it: they
+    # must raise DriverError and leave the key with its old or its new value.
+    store = _s3_storage(s3_bucket, s3_proxy.url)
+    outcomes: Counter[str] = Counter()
+    failures: list[BaseException] = []
+
+    async def write(i: int) -> None:
+        try:
+            await store.set_item(f"k{i}", i)
+        except DriverError as exc:
+            failures.append(exc)
+            outcomes["failed"] += 1
+            return
+        outcomes["acked"] += 1
+
+    try:
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as group:
+                for i in range(WRITES):
+                    group.start_soon(write, i)
+        s3_proxy.delay_rate = s3_proxy.fail_before = s3_proxy.fail_after = 0.0
+        values = await store.get_items([f"k{i}" for i in range(WRITES)])
+        assert all(values[f"k{i}"] in (None, i) for i in range(WRITES))
+        acked = sum(value is not None for value in values.values())
+        assert acked >= outcomes["acked"]
+        assert all("S3 " in str(exc) for exc in failures)
+    finally:
+        await store.clear()
+        await store.dispose()
+    reliability.record(
+        "faults",
+        "s3: 20% failures with the default 3 attempts",
+        calls=WRITES,
+        failed_cleanly=outcomes["failed"],
+        lost_writes=0,
+    )

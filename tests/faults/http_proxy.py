@@ -24,6 +24,7 @@ class HttpCounters:
     failed_before: int = 0  #: answered 500/503 without forwarding
     failed_after: int = 0  #: forwarded, then the server's answer replaced by 500/503
     delayed: int = 0
+    pages: int = 0  #: listing requests (pages asked for, retries included)
 
     @property
     def failed(self) -> int:
@@ -75,7 +76,9 @@ class HttpFaultProxy:
     connection per request; a seeded RNG picks, per request, whether to answer 500/503
     before forwarding (``fail_before``), after forwarding (``fail_after``: the request took
     effect but the client sees an error), to wait ``delay`` seconds first (``delay_rate``),
-    or to forward as is."""
+    or to forward as is. With ``max_keys``, listings (ListObjectsV2) ask for pages of that
+    size: S3 may return fewer keys than asked, and small pages make pagination cheap to
+    test (moto does not check request signatures)."""
 
     def __init__(
         self,
@@ -86,12 +89,14 @@ class HttpFaultProxy:
         fail_after: float = 0.0,
         delay_rate: float = 0.0,
         delay: float = 0.2,
+        max_keys: int | None = None,
     ) -> None:
         host, _, port = upstream.removeprefix("http://").rstrip("/").rpartition(":")
         self._upstream = (host, int(port))
         self._rng = random.Random(seed)
         self.fail_before, self.fail_after = fail_before, fail_after
         self.delay_rate, self.delay = delay_rate, delay
+        self.max_keys = max_keys
         self.counters = HttpCounters()
         self._thread = LoopThread(f"http-proxy-{port}")
         self._server = self._thread.run(asyncio.start_server(self._serve, "127.0.0.1", 0))
@@ -112,7 +117,16 @@ class HttpFaultProxy:
         with contextlib.suppress(OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             while True:  # keep-alive: one request after the other
                 head = await reader.readuntil(b"\r\n\r\n")
-                body = await _read_body(reader, _headers(head))
+                headers = _headers(head)
+                if headers.get("expect", "").lower() == "100-continue":
+                    # Answer for the server (and do not pass the header on).
+                    writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    head = b"\r\n".join(
+                        line
+                        for line in head.split(b"\r\n")
+                        if not line.lower().startswith(b"expect:")
+                    )
+                body = await _read_body(reader, headers)
                 method = head.split(b" ", 1)[0].decode()
                 writer.write(await self._answer(method, head, body))
                 await writer.drain()
@@ -128,6 +142,11 @@ class HttpFaultProxy:
         if roll < self.fail_before + self.delay_rate:
             self.counters.delayed += 1
             await asyncio.sleep(self.delay)
+        if self.max_keys is not None and b"list-type=2" in head.split(b"\r\n", 1)[0]:
+            target = head.split(b" ", 2)
+            target[1] += f"&max-keys={self.max_keys}".encode()
+            head = b" ".join(target)
+            self.counters.pages += 1
         response = await self._forward(method, head, body)
         self.counters.forwarded += 1
         if roll >= 1 - self.fail_after:
