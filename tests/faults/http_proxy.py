@@ -169,9 +169,7 @@ class HttpFaultProxy:
                 return response_head + await _read_body(reader, headers)
             # Framed by the end of the connection: frame it by its length for our client.
             rest = await reader.read()
-            return (
-                response_head[:-2] + f"Content-Length: {len(rest)}\r\n\r\n".encode() + rest
-            )
+            return response_head[:-2] + f"Content-Length: {len(rest)}\r\n\r\n".encode() + rest
         finally:
             writer.close()
             with contextlib.suppress(OSError):
