@@ -427,3 +427,55 @@ async def test_s3_default_retries_fail_cleanly_when_exhausted(
         failed_cleanly=outcomes["failed"],
         lost_writes=0,
     )
+
+
+async def test_redis_conditional_writes_are_not_resent_after_a_reset(
+    proxy: TcpFaultProxy,
+) -> None:
+    # Regression: redis-py's retry resent a conditional write whose connection broke after
+    # Redis had applied it; the resent write failed its own condition, and update_item
+    # applied its function a second time. Each update appends a unique token: none may
+    # appear twice, and every acknowledged one must be there.
+    store = create_storage(RedisDriver(proxy.url, base=unique_base(), timeout=TIMEOUT))
+    acked: list[int] = []
+    failed = resets = 0
+    tokens = iter(range(10**9))
+    stopping = anyio.Event()
+
+    async def append() -> None:
+        nonlocal failed
+        while not stopping.is_set():
+            token = next(tokens)
+            try:
+                with anyio.fail_after(HUNG):
+                    await store.update_item("log", lambda log, token=token: [*(log or []), token])
+            except DriverError:
+                failed += 1
+            else:
+                acked.append(token)
+
+    try:
+        async with anyio.create_task_group() as group:
+            for _ in range(WORKERS):
+                group.start_soon(append)
+            for _ in range(300):  # reset whatever is in flight every 10 ms
+                await anyio.sleep(0.01)
+                resets += await anyio.to_thread.run_sync(proxy.reset_connections)
+            stopping.set()
+        log = await store.get_item("log")
+        twice = [token for token, n in Counter(log).items() if n > 1]
+        assert not twice, f"updates applied twice: {twice}"
+        assert set(acked) <= set(log)
+        assert resets > 0 and failed > 0  # the fault did hit writes in flight
+    finally:
+        await store.clear()
+        await store.dispose()
+    reliability.record(
+        "faults",
+        "redis: proxy resets connections during update_item",
+        calls=len(acked) + failed,
+        connections_reset=resets,
+        failed_cleanly=failed,
+        applied_twice=0,
+        lost_writes=0,
+    )

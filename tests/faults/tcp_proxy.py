@@ -76,6 +76,11 @@ class TcpFaultProxy:
         """Switch to ``mode`` (returns once it applies to every connection)."""
         self._thread.run(self._switch(mode))
 
+    def reset_connections(self) -> int:
+        """Reset the connections open now (new ones are served as the mode says); return
+        how many were reset."""
+        return self._thread.run(self._reset_all())
+
     def close(self) -> None:
         """Reset every connection and stop listening."""
         self._thread.run(self._close())
@@ -96,6 +101,12 @@ class TcpFaultProxy:
         ]
         for link in doomed:
             self._drop(link)
+
+    async def _reset_all(self) -> int:
+        links = list(self._links)
+        for link in links:
+            self._drop(link)
+        return len(links)
 
     async def _close(self) -> None:
         self._server.close()
