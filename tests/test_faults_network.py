@@ -481,3 +481,56 @@ async def test_redis_conditional_writes_are_not_resent_after_a_reset(
         applied_twice=0,
         lost_writes=0,
     )
+
+
+async def test_s3_conditional_writes_retried_after_a_lost_response(
+    s3_endpoint: str, s3_bucket: str
+) -> None:
+    # Regression: a conditional PUT applied by the server whose response was lost (a 500
+    # after the write) was retried by botocore, failed its own condition, and update_item
+    # applied its function a second time. Each update appends a unique token.
+    from aiobotocore.config import AioConfig
+
+    proxy = HttpFaultProxy(s3_endpoint, seed=11, fail_after=0.2)
+    retries = AioConfig(retries={"mode": "standard", "max_attempts": 10})
+    store = _s3_storage(s3_bucket, proxy.url, client_options={"config": retries})
+    acked: list[int] = []
+    failed = 0
+    tokens = iter(range(10**9))
+
+    async def append() -> None:
+        nonlocal failed
+        for _ in range(12):
+            token = next(tokens)
+            try:
+                await store.update_item("log", lambda log, token=token: [*(log or []), token])
+            except DriverError:
+                failed += 1
+            else:
+                acked.append(token)
+
+    try:
+        with anyio.fail_after(120):
+            async with anyio.create_task_group() as group:
+                for _ in range(4):
+                    group.start_soon(append)
+        proxy.fail_after = 0.0
+        log = await store.get_item("log")
+        twice = [token for token, n in Counter(log).items() if n > 1]
+        assert not twice, f"updates applied twice: {twice}"
+        assert set(acked) <= set(log)
+    finally:
+        proxy.fail_after = 0.0
+        await store.clear()
+        await store.dispose()
+        proxy.close()
+    assert proxy.counters.failed_after > 0
+    reliability.record(
+        "faults",
+        "s3: 20% of responses lost after the write (500/503), update_item",
+        calls=len(acked) + failed,
+        responses_lost=proxy.counters.failed_after,
+        failed_cleanly=failed,
+        applied_twice=0,
+        lost_writes=0,
+    )
