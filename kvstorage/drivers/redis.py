@@ -18,6 +18,8 @@ bytes), ``touch`` (a script rewriting the expiry field in place with ``SETRANGE`
 calling ``PEXPIREAT`` / ``PERSIST``) and ``head`` (a script reading header and length) run
 scripts, with ``EVALSHA`` and an ``EVAL`` fallback. ``if_absent`` is ``SET NX``. Values
 written by other tools under ``base`` (without the header) raise ``DriverError`` when read.
+Conditional writes are never resent by redis-py's retry after a broken connection (the
+first may have been applied; see ``RedisDriver._once``).
 
 Expiry is an absolute time (``PXAT``, rounded down to the millisecond), so Redis drops a key
 no later than the header says; this needs Redis 6.2+ and clocks on clients and server that
@@ -53,6 +55,7 @@ import random
 import struct
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any, Literal, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -110,11 +113,14 @@ class _Script:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
-    async def __call__(self, client: AnyRedis, key: str, *args: bytes | int | str) -> Any:
+    async def __call__(
+        self, execute: Callable[..., Awaitable[Any]], key: str, *args: bytes | int | str
+    ) -> Any:
+        """Run with ``execute`` (``client.execute_command`` or ``RedisDriver._once``)."""
         try:
-            return await client.evalsha(self.sha, 1, key, *args)
+            return await execute("EVALSHA", self.sha, 1, key, *args)
         except NoScriptError:
-            return await client.eval(self.source, 1, key, *args)
+            return await execute("EVAL", self.source, 1, key, *args)
 
 
 _SET_IF_MATCH = _Script(
@@ -351,6 +357,29 @@ class RedisDriver(Driver):
             return f"redis at {kwargs.get('host')}:{kwargs.get('port')}/{kwargs.get('db', 0)}"
         return "redis " + repr(self)
 
+    async def _once(self, client: AnyRedis, *command: Any) -> Any:
+        """Send ``command`` and read its reply without redis-py's retry.
+
+        A conditional write resent after its connection broke may have been applied the
+        first time; the second would then fail its own condition, and ``update_item``
+        would apply its function twice. So a broken connection raises instead (the write
+        may or may not have been applied, as for any failed call).
+        """
+        if isinstance(client, RedisCluster):
+            return await client.execute_command(*command)
+        pool = client.connection_pool
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            await connection.send_command(*command)
+            return await connection.read_response()
+        except ResponseError:
+            raise
+        except BaseException:
+            await connection.disconnect()  # the reply may still come: never reuse it
+            raise
+        finally:
+            await pool.release(connection)
+
     def _unavailable(self, exc: BaseException) -> DriverUnavailableError:
         return DriverUnavailableError(f"cannot reach {self._where()}: {exc}", driver=self.name)
 
@@ -423,7 +452,8 @@ class RedisDriver(Driver):
 
     async def head(self, key: str) -> Stat | None:
         try:
-            reply = await _HEAD(self._client or await self._connect(), self._ns + key)
+            client = self._client or await self._connect()
+            reply = await _HEAD(client.execute_command, self._ns + key)
         except _UNREACHABLE as exc:
             raise self._unavailable(exc) from exc
         if reply is None:
@@ -451,12 +481,14 @@ class RedisDriver(Driver):
             if if_match is not None:
                 token = _token(if_match)
                 done = token is not None and await _SET_IF_MATCH(
-                    client, name, data, token, _pxat(expires_at) or 0
+                    partial(self._once, client), name, data, token, _pxat(expires_at) or 0
                 )
                 if not done:
                     raise ConditionFailedError(f"etag of {key!r} does not match")
             elif if_absent:
-                if not await client.set(name, data, pxat=_pxat(expires_at), nx=True):
+                px = _pxat(expires_at)
+                expiry = () if px is None else ("PXAT", px)
+                if not await self._once(client, "SET", name, data, *expiry, "NX"):
                     raise ConditionFailedError(f"key {key!r} already exists")
             else:
                 await client.set(name, data, pxat=_pxat(expires_at))
@@ -473,8 +505,9 @@ class RedisDriver(Driver):
     async def touch(self, key: str, *, expires_at: float | None) -> bool:
         expiry = _EXPIRY.pack(expires_at or 0.0)
         try:
+            client = self._client or await self._connect()
             done = await _TOUCH(
-                self._client or await self._connect(),
+                client.execute_command,
                 self._ns + key,
                 expiry,
                 _pxat(expires_at) or 0,

@@ -80,7 +80,12 @@ class S3Driver(Driver):
     several writers racing for an expired key exactly one wins. The etag returned is the
     S3 ETag, followed by ``@<expires_at>`` for objects with a TTL so that ``if_match``
     refuses an expired version without a HEAD. (moto checks the conditions but not under
-    a lock, so against moto they are atomic only in practice, not by guarantee.)
+    a lock, so against moto they are atomic only in practice, not by guarantee.) When
+    botocore retried a conditional write after an error and the retry fails its
+    condition, the first attempt may have been applied: if the object holds what was
+    sent, the write succeeded, otherwise :class:`~kvstorage.errors.DriverError` says the
+    outcome is unknown (never a false "condition failed" that would make ``update_item``
+    apply its function twice).
 
     **TTL** is stored in the object metadata and enforced on read (S3 has no per-object
     expiry; run ``storage.sweep()`` to delete expired objects). Listing does not return
@@ -307,13 +312,10 @@ class S3Driver(Driver):
         if expires_at is not None:
             metadata[_EXPIRES] = repr(float(expires_at))
         client = self._client or await self._connect()
+        body = value + os.urandom(pad).translate(_WHITESPACE)
         try:
             await client.put_object(
-                Bucket=self.bucket,
-                Key=self._name(key),
-                Body=value + os.urandom(pad).translate(_WHITESPACE),
-                Metadata=metadata,
-                **condition,
+                Bucket=self.bucket, Key=self._name(key), Body=body, Metadata=metadata, **condition
             )
         except ClientError as exc:
             # 412: the condition is false; 404: If-Match on a missing object; 409: a
@@ -323,11 +325,30 @@ class S3Driver(Driver):
                 "NoSuchKey",
                 "ConditionalRequestConflict",
             ):
+                if exc.response.get("ResponseMetadata", {}).get("RetryAttempts"):
+                    return await self._retried_put_landed(key, body)
                 return False
             self._fail(exc)
         except Exception as exc:
             self._fail(exc)
         return True
+
+    async def _retried_put_landed(self, key: str, body: bytes) -> bool:
+        """A conditional PUT that botocore retried failed its condition: an earlier
+        attempt may have been applied before its response was lost (a 5xx or a broken
+        connection after the write), and then it was our own write that failed the
+        condition. True if the object holds our body (unique thanks to the random
+        trailer; a single-part ETag is its MD5); otherwise the outcome is unknown, and
+        reporting a failed condition could make ``update_item`` apply its function twice.
+        """
+        stat = await self.head(key)
+        if stat is not None and stat.etag.partition("@")[0] == _md5(body):
+            return True
+        raise DriverError(
+            f"conditional write of {key!r} to bucket {self.bucket!r} was retried after an "
+            "error and its condition then failed; an earlier attempt may have been applied",
+            driver=self.name,
+        )
 
     async def set_many(
         self, items: Sequence[tuple[str, bytes]], *, expires_at: float | None = None
@@ -500,6 +521,12 @@ def _encode(key: str) -> str:
     from urllib.parse import quote
 
     return "/".join(quote(segment, safe=_SAFE) for segment in key.split(":"))
+
+
+def _md5(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
 def _parse_float(text: str) -> float:
