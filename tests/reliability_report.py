@@ -22,8 +22,10 @@ SECTIONS = {
         "Model-based testing",
         "Random sequences of set (with and without ttl), set_items, remove(s), clear(base), "
         "update_item and conditional writes, through the root and a `prefix_storage` view, "
-        "with a second driver mounted, checked against a dict after every step "
-        "(`tests/test_model.py`).",
+        "with a second driver mounted, checked against a dict after every step: drawn as "
+        "operation lists on every driver and backend (`tests/test_model.py`) and as a "
+        "hypothesis `RuleBasedStateMachine` (`tests/test_stateful.py`, rows marked "
+        "'state machine').",
     ),
     "faults": (
         "Faults injected",
@@ -48,14 +50,21 @@ SECTIONS = {
 }
 
 
+def _cell(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
+
 def _table(rows: dict[str, dict[str, Any]]) -> list[str]:
     columns = sorted({name for figures in rows.values() for name in figures})
+    if len(columns) > 10:  # sparse figures: one line per subject reads better
+        return [
+            f"- **{subject}**: "
+            + ", ".join(f"{name.replace('_', ' ')} {_cell(v)}" for name, v in figures.items())
+            for subject, figures in sorted(rows.items())
+        ]
     lines = ["| subject | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for subject, figures in sorted(rows.items()):
-        cells = [
-            f"{figures[c]:,}" if isinstance(figures.get(c), int) else str(figures.get(c, ""))
-            for c in columns
-        ]
+        cells = [_cell(figures[c]) if c in figures else "" for c in columns]
         lines.append(f"| {subject} | " + " | ".join(cells) + " |")
     return lines
 
@@ -73,9 +82,12 @@ def render(figures: dict[str, dict[str, dict[str, Any]]], source: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(json_path: str, output: str = "RELIABILITY.md") -> None:
-    """Write ``output`` from the figures in ``json_path``."""
-    figures = json.loads(Path(json_path).read_text())
+def main(*json_paths: str, output: str = "RELIABILITY.md") -> None:
+    """Write ``output`` from the figures in ``json_paths`` (merged; later files win)."""
+    figures: dict[str, dict[str, dict[str, Any]]] = {}
+    for path in json_paths:
+        for section, subjects in json.loads(Path(path).read_text()).items():
+            figures.setdefault(section, {}).update(subjects)
     Path(output).write_text(render(figures, "make reliability"))
 
 
