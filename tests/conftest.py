@@ -21,10 +21,14 @@ _CASES = [(spec, backend) for spec in BACKENDS for backend in spec.anyio_backend
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "driver_case" in metafunc.fixturenames:
+        cases = _CASES
+        only = metafunc.definition.get_closest_marker("only_drivers")
+        if only is not None:  # one run per named driver, on asyncio
+            cases = [(s, b) for s, b in cases if s.name in only.args and b == "asyncio"]
         metafunc.parametrize(
             "driver_case",
-            _CASES,
-            ids=[f"{spec.name}-{backend}" for spec, backend in _CASES],
+            cases,
+            ids=[f"{spec.name}-{backend}" for spec, backend in cases],
             indirect=True,
         )
 

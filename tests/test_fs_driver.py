@@ -469,6 +469,3 @@ def test_two_processes_increment_exactly(base: Path, tmp_path: Path) -> None:
     record = anyio.run(driver.get, "counter")
     anyio.run(driver.dispose)
     assert record is not None and record.value == b"400"
-    reliability.record(
-        "concurrency", "fs: 2 processes x 200 update_item", expected=400, final=int(record.value)
-    )
