@@ -67,8 +67,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.crc import key_slot
 from redis.exceptions import (
+    AskError,
     ClusterDownError,
     ConnectionError,
+    MovedError,
     NoScriptError,
     RedisClusterException,
     ResponseError,
@@ -366,7 +368,16 @@ class RedisDriver(Driver):
         may or may not have been applied, as for any failed call).
         """
         if isinstance(client, RedisCluster):
-            return await client.execute_command(*command)
+            # Straight to the key's primary, outside the cluster client's retry loop.
+            key = command[3] if command[0] in ("EVALSHA", "EVAL") else command[1]
+            node = client.get_node_from_key(key)
+            if node is None:  # pragma: no cover - the client is initialized in _connect
+                return await client.execute_command(*command)
+            try:
+                return await node.execute_command(*command)
+            except (MovedError, AskError):
+                # Redirected, so not applied: the client's own routing sends it on.
+                return await client.execute_command(*command)
         pool = client.connection_pool
         connection = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
