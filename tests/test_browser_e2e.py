@@ -58,8 +58,12 @@ async def test_login_cart_reload_logout_in_a_real_browser():
             assert cookie["sameSite"] == "Lax"
             assert await manager.storage.get_keys() == [f"session:{cookie['value']}"]
 
-            await page.click("#add-apple")
-            await page.click("#add-fig")
+            for count, product in enumerate(["apple", "fig"], start=1):
+                await page.click(f"#add-{product}")  # a POST, then a redirect: wait for it
+                await page.wait_for_function(
+                    f"document.querySelectorAll('#cart li').length == {count}"
+                )
+            await page.wait_for_load_state("load")
             await page.reload()
             assert await page.locator("#cart li").all_text_contents() == ["Apple", "Fig"]
             assert await page.locator("#flash").count() == 0  # the flash was shown once
