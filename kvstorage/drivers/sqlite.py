@@ -181,7 +181,7 @@ class SQLiteDriver(Driver):
                 except sqlite3.Error as exc:
                     raise self._unavailable(exc) from exc
                 try:
-                    await self._prepare(db)
+                    await self._prepare_retrying(db)
                 except BaseException as exc:
                     await db.close()
                     if isinstance(exc, sqlite3.Error):
@@ -194,6 +194,21 @@ class SQLiteDriver(Driver):
         return DriverUnavailableError(
             f"cannot open SQLite database {self.path!r}: {exc}", driver=self.name
         )
+
+    async def _prepare_retrying(self, db: aiosqlite.Connection) -> None:
+        """:meth:`_prepare`, retried for up to ``busy_timeout`` while other connections
+        hold the lock it needs: SQLite does not always wait for it (switching a new file
+        to WAL, several processes creating the table at once)."""
+        deadline = time.monotonic() + self._busy_timeout
+        delay = 0.005
+        while True:
+            try:
+                return await self._prepare(db)
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() + delay > deadline:
+                    raise
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 0.1)
 
     async def _prepare(self, db: aiosqlite.Connection) -> None:
         """Set the connection up and create (or check) the table."""
