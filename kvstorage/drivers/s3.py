@@ -222,18 +222,29 @@ class S3Driver(Driver):
 
     # -- reading ------------------------------------------------------------------------
 
-    async def get(self, key: str) -> Record | None:
+    async def _object(self, key: str, *, with_body: bool) -> dict[str, Any] | None:
+        """GetObject (its body read into ``"Data"``) or HeadObject of ``key``; None when
+        the object does not exist."""
         client = self._client or await self._connect()
+        name = self._name(key)
         try:
-            response = await client.get_object(Bucket=self.bucket, Key=self._name(key))
+            if not with_body:
+                response: dict[str, Any] = await client.head_object(Bucket=self.bucket, Key=name)
+                return response
+            response = await client.get_object(Bucket=self.bucket, Key=name)
             async with response["Body"] as body:
-                data = await body.read()
-        except ClientError as exc:
-            if _code(exc) in ("NoSuchKey", "404"):
+                response["Data"] = await body.read()
+            return response
+        except Exception as exc:
+            if isinstance(exc, ClientError) and _code(exc) in ("NoSuchKey", "404"):
                 return None
             self._fail(exc)
-        except Exception as exc:
-            self._fail(exc)
+
+    async def get(self, key: str) -> Record | None:
+        response = await self._object(key, with_body=True)
+        if response is None:
+            return None
+        data = response["Data"]
         metadata = response["Metadata"]
         pad = int(metadata.get(_PAD, 0))
         expires_at = _expires(metadata)
@@ -245,15 +256,9 @@ class S3Driver(Driver):
         )
 
     async def head(self, key: str) -> Stat | None:
-        client = self._client or await self._connect()
-        try:
-            response = await client.head_object(Bucket=self.bucket, Key=self._name(key))
-        except ClientError as exc:
-            if _code(exc) in ("NoSuchKey", "404"):
-                return None
-            self._fail(exc)
-        except Exception as exc:
-            self._fail(exc)
+        response = await self._object(key, with_body=False)
+        if response is None:
+            return None
         metadata = response["Metadata"]
         expires_at = _expires(metadata)
         return Stat(
