@@ -105,6 +105,16 @@ async def run_workload(
     return rows
 
 
+def best_rounds(rows: list[Row]) -> list[Row]:
+    """One row per (driver, operation, target): the fastest of its rounds."""
+    best: dict[tuple[str, str, str], Row] = {}
+    for row in rows:
+        key = (row.driver, row.operation, row.target)
+        if key not in best or row.ops > best[key].ops:
+            best[key] = row
+    return list(best.values())
+
+
 class PeakRSS:
     """Samples this process's resident memory in a thread; ``peak_mb`` is the growth
     over the value at entry (so C allocations count too, and tracing costs nothing)."""
