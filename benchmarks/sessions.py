@@ -1,10 +1,13 @@
-"""Session middleware benchmark: requests/s of one Starlette app, in process through
-``httpx.ASGITransport``, for
+"""Session middleware benchmark: requests/s of one Starlette app, called in process the
+way an ASGI server calls it (no HTTP client, see ``_Caller``), for
 
 * a read-only request (``get`` one key) and a read-write request (``get`` + ``set``),
 * with ``sessions.SessionMiddleware`` on memory (and on Redis when a URL is given),
 * beside the same app with no session middleware (the floor: framework + client cost),
-* beside starsessions (its in-memory store, and its ``RedisStore`` on the same Redis).
+* beside starsessions (its in-memory store, and its ``RedisStore`` on the same Redis),
+* and, on Redis, beside the same app doing by hand the round trips any server-side session
+  needs (``GET`` to read; ``GET`` then ``SET`` to read and write) with a bare redis-py
+  client: the floor no session store on that Redis can beat.
 
 Every request carries the cookie of one existing session. Run alone with
 ``python -m benchmarks.sessions [--quick] [--redis redis://127.0.0.1:PORT/0]``.
@@ -15,12 +18,11 @@ from __future__ import annotations
 import argparse
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from typing import Any
 
 import anyio
-import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -100,23 +102,85 @@ def starsessions_app(redis_url: str | None) -> tuple[App, Callable[[], Awaitable
     return app, close
 
 
-@asynccontextmanager
-async def _client(app: App) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="https://bench") as client:
-        yield client
+def raw_redis_app(redis_url: str) -> tuple[App, Callable[[], Awaitable[None]]]:
+    """The app with no session layer but the session's round trips made with a bare
+    redis-py client: one ``GET`` to read, ``GET`` + ``SET`` to read and write."""
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(redis_url)
+    key = f"bench-raw-session-{uuid.uuid4().hex}"
+
+    async def read(request: Request) -> Response:
+        stored = await client.get(key)
+        return JSONResponse({"n": int(stored or 0)})
+
+    async def write(request: Request) -> Response:
+        n = int(await client.get(key) or 0) + 1
+        await client.set(key, n, ex=3600)
+        return JSONResponse({"n": n})
+
+    return _app(read, write), client.aclose
+
+
+class _Caller:
+    """Calls an ASGI app directly, the way a server would, and carries the session
+    cookie by hand.
+
+    No HTTP client: httpx's cookie jar alone costs more per request than a session
+    middleware, which would hide the differences this benchmark is about. Like a browser,
+    it sends the cookie the app last set.
+    """
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.cookie: bytes | None = None
+
+    async def request(self, method: str, path: str) -> int:
+        """Send one request with an empty body; return the response status."""
+        headers = [(b"host", b"bench")]
+        if self.cookie is not None:
+            headers.append((b"cookie", self.cookie))
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": method,
+            "scheme": "https",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "root_path": "",
+            "headers": headers,
+            "server": ("bench", 443),
+            "client": ("127.0.0.1", 50000),
+        }
+        status = 0
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                for name, value in message.get("headers", []):
+                    if name == b"set-cookie":
+                        self.cookie = value.split(b";", 1)[0]
+
+        await self.app(scope, receive, send)
+        return status
 
 
 OPERATIONS = {"read-only request": ("GET", "/read"), "read-write request": ("POST", "/write")}
 
 
-async def _rate(client: httpx.AsyncClient, method: str, path: str, count: int) -> float:
+async def _rate(caller: _Caller, method: str, path: str, count: int) -> float:
     """Requests per second over ``count`` sequential requests."""
     started = time.perf_counter()
     for _ in range(count):
-        response = await client.request(method, path)
-        if response.status_code != 200:
-            raise RuntimeError(f"{path} answered {response.status_code}")
+        status = await caller.request(method, path)
+        if status != 200:
+            raise RuntimeError(f"{path} answered {status}")
     return count / (time.perf_counter() - started)
 
 
@@ -130,8 +194,8 @@ async def _measure(targets: dict[str, Builder], count: int, rounds: int) -> dict
             app, close = build()
             if close is not None:
                 stack.push_async_callback(close)
-            client = await stack.enter_async_context(_client(app))
-            await client.post("/write")  # create the session: later requests carry its cookie
+            client = _Caller(app)
+            await client.request("POST", "/write")  # create the session and its cookie
             await _rate(client, "GET", "/read", min(count, 100))  # warm up
             clients[target] = client
         for _ in range(rounds):
@@ -163,6 +227,7 @@ async def run(*, quick: bool, redis_url: str | None) -> list[dict[str, object]]:
             "kvstorage sessions (redis)": lambda: kvstorage_app(_with_base(redis_url, base)),
             "no session middleware": lambda: (plain_app(), None),
             "starsessions (redis)": lambda: starsessions_app(redis_url),
+            "bare GET/SET, no sessions": lambda: raw_redis_app(redis_url),
         }
     rows: list[dict[str, object]] = []
     for group, targets in groups.items():
