@@ -438,8 +438,8 @@ class RedisDriver(Driver):
         """
         if isinstance(client, RedisCluster):
             # Straight to the key's primary, outside the cluster client's retry loop.
-            # (Not yet covered by a fault test: it needs a TCP proxy per node with
-            # cluster-announce-port; tests/faults/tcp_proxy.py covers standalone.)
+            # (Tested by tests/test_faults_network.py::
+            # test_redis_cluster_conditional_writes_are_not_resent_after_a_reset.)
             key = command[3] if command[0] in ("EVALSHA", "EVAL") else command[1]
             node = client.get_node_from_key(key)
             if node is None:  # pragma: no cover - the client is initialized in _connect

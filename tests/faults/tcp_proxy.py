@@ -52,10 +52,14 @@ class TcpFaultProxy:
 
     Leaving ``STALL`` resets the connections that lost bytes while stalled (their streams
     are broken), so nothing held during the stall reaches either side later.
+
+    ``target_port`` may be left None and set before the first connection, when the
+    server must be told the proxy's port first (a cluster node announcing it); until
+    then connections are reset.
     """
 
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
+    def __init__(self, target_port: int | None = None) -> None:
+        self.target_port: int | None = target_port
         self.counters = Counters()
         self._mode = Mode.NORMAL
         self._links: set[_Link] = set()
@@ -122,7 +126,7 @@ class TcpFaultProxy:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.counters.accepted += 1
-        if self._mode is Mode.CUT:
+        if self._mode is Mode.CUT or self.target_port is None:
             self.counters.reset += 1
             _reset(writer)
             return
