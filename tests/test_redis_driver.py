@@ -448,3 +448,45 @@ async def test_concurrent_reads_are_pipelined(redis_server: RedisServer, raw: Re
     finally:
         await store.clear()
         await store.dispose()
+
+
+async def test_a_cancelled_call_never_leaves_its_reply_to_the_next(
+    redis_server: RedisServer, raw: Redis
+) -> None:
+    # The driver sends GET/SET/MGET on pooled connections itself: a call cancelled after
+    # its command went out must not return the connection to the pool with the reply
+    # still to come, or the next call would read that reply as its own (redis-py had
+    # this bug: CVE-2023-28858).
+    store = create_storage(RedisDriver(redis_server.url, base=unique_base()))
+    try:
+        await store.set_items({"a": "A", "b": "B"})
+        calls = [
+            lambda: store.get_item("a"),
+            lambda: store.get_items(["a"]),
+            lambda: store.set_item("a", "A"),
+        ]
+        for call in calls:
+            await raw.execute_command("CLIENT", "PAUSE", 200, "ALL")
+            with anyio.move_on_after(0.05) as scope:
+                await call()
+            assert scope.cancelled_caught  # cancelled while the server held the reply
+            for _ in range(3):  # the first waits for the pause to end
+                assert await store.get_item("b") == "B"
+                assert await store.get_items(["b", "a"]) == {"b": "B", "a": "A"}
+    finally:
+        await store.clear()
+        await store.dispose()
+
+
+async def test_values_around_the_inline_argument_size(redis_server: RedisServer) -> None:
+    # Command arguments up to 4,096 bytes are copied into one buffer, larger ones sent as
+    # they are: both must arrive intact (the stored form adds a 32-byte header).
+    store = create_storage(RedisDriver(redis_server.url, base=unique_base()))
+    try:
+        values = {f"v{size}": bytes([size % 251]) * size for size in range(4056, 4072)}
+        for key, value in values.items():
+            await store.set_item_raw(key, value)
+            assert await store.get_item_raw(key) == value
+    finally:
+        await store.clear()
+        await store.dispose()
