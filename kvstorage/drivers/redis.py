@@ -212,9 +212,16 @@ def _resp(command: Sequence[bytes | str | int]) -> list[bytes]:
     """``command`` in the Redis protocol, for ``send_packed_command``.
 
     redis-py's own packing of a 100-key ``MGET`` costs about as much CPU as the rest of
-    the call: it checks and encodes every argument through several layers. Values over
-    a few KiB stay separate buffers (no copy).
+    the call: it checks and encodes every argument through several layers. Commands of
+    ASCII strings only (``GET``, ``MGET``) are formatted as one text and encoded once;
+    otherwise values over a few KiB stay separate buffers (no copy).
     """
+    if set(map(type, command)) == {str}:
+        args = cast("Sequence[str]", command)
+        text = "".join([f"*{len(args)}\r\n", *[f"${len(a)}\r\n{a}\r\n" for a in args]])
+        data = text.encode()
+        if len(data) == len(text):  # ASCII: the lengths counted characters = bytes
+            return [data]
     packed = [b"*%d\r\n" % len(command)]
     for arg in command:
         data = arg if type(arg) is bytes else str(arg).encode()
