@@ -8,6 +8,8 @@ from pathlib import Path
 
 import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
@@ -490,3 +492,23 @@ async def test_values_around_the_inline_argument_size(redis_server: RedisServer)
     finally:
         await store.clear()
         await store.dispose()
+
+
+@given(
+    st.lists(
+        st.one_of(st.text(), st.binary(max_size=5000), st.integers()),
+        max_size=8,
+    )
+)
+@settings(max_examples=200, deadline=None)
+def test_commands_are_packed_as_redis_py_packs_them(args: list[str | bytes | int]) -> None:
+    from redis.asyncio.connection import Connection
+
+    from kvstorage.drivers.redis import _resp
+
+    command = ["MGET", *args]
+    try:
+        expected = b"".join(Connection().pack_command(*command))
+    except UnicodeEncodeError:  # lone surrogates: keys never hold them (InvalidKeyError)
+        return
+    assert b"".join(_resp(command)) == expected
