@@ -19,7 +19,9 @@ calling ``PEXPIREAT`` / ``PERSIST``) and ``head`` (a script reading header and l
 scripts, with ``EVALSHA`` and an ``EVAL`` fallback. ``if_absent`` is ``SET NX``. Values
 written by other tools under ``base`` (without the header) raise ``DriverError`` when read.
 Conditional writes are never resent by redis-py's retry after a broken connection (the
-first may have been applied; see ``RedisDriver._once``).
+first may have been applied; see ``RedisDriver._once``). ``GET``, ``SET`` and ``MGET`` on a
+single server are packed by the driver (:func:`_resp`, cheaper than redis-py's generic
+packing) and sent on the client's own pool with its retry.
 
 Expiry is an absolute time (``PXAT``, rounded down to the millisecond), so Redis drops a key
 no later than the header says; this needs Redis 6.2+ and clocks on clients and server that
