@@ -269,7 +269,11 @@ async def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--drivers", default=",".join(LOCAL), help="comma list, or 'all'")
     parser.add_argument("-n", type=int, default=None, help="keys per operation (default 10000)")
-    parser.add_argument("--quick", action="store_true", help="small run (under 30 s)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small run: N=2,000, short scaling run (about a minute with all drivers)",
+    )
     parser.add_argument("--no-scaling", action="store_true", help="skip the listing scaling run")
     parser.add_argument("--no-node", action="store_true", help="skip unstorage under Node.js")
     parser.add_argument("--no-sessions", action="store_true", help="skip the sessions benchmark")
@@ -281,7 +285,7 @@ async def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     names = ALL if args.drivers == "all" else [d.strip() for d in args.drivers.split(",") if d]
     n = args.n or (2_000 if args.quick else 10_000)
-    rounds = args.rounds or (1 if args.quick else 3)
+    rounds = args.rounds or 3
     console.print(f"[bold]kvstorage benchmarks[/bold] N={n}, best of {rounds} on {machine()}")
     rows: list[Row] = []
     with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
