@@ -52,6 +52,7 @@ __all__ = [
     "Record",
     "Stat",
     "base_covers",
+    "check_condition",
     "depth_below",
     "is_expired",
     "key_range",
@@ -258,6 +259,16 @@ def require_asyncio(driver_name: str) -> None:
 def is_expired(expires_at: float | None, now: float | None = None) -> bool:
     """True when an entry with this ``expires_at`` is expired at ``now`` (default: now)."""
     return expires_at is not None and expires_at <= (time.time() if now is None else now)
+
+
+def check_condition(key: str, etag: str | None, *, if_absent: bool, if_match: str | None) -> None:
+    """Raise :class:`~kvstorage.errors.ConditionFailedError` unless a write with
+    ``if_absent`` / ``if_match`` may go ahead over the live entry whose etag is ``etag``
+    (None: absent or expired). For drivers that check conditions in Python under a lock."""
+    if if_absent and etag is not None:
+        raise ConditionFailedError(f"key {key!r} already exists")
+    if if_match is not None and etag != if_match:
+        raise ConditionFailedError(f"etag of {key!r} does not match")
 
 
 def base_covers(base: str, key: str) -> bool:

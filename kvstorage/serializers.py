@@ -83,9 +83,7 @@ def _check_json(value: Any) -> None:
     elif kind is float:
         if not math.isfinite(value):
             raise SerializationError(f"JSON cannot hold the float {value!r}")
-    elif kind in _SCALARS:
-        pass
-    elif isinstance(value, bool | str | int) and not isinstance(value, float):
+    elif isinstance(value, bool | str | int):
         pass  # subclasses (StrEnum, IntEnum) are stored as their base type
     elif isinstance(value, float):
         _check_json(float(value))

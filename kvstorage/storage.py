@@ -22,7 +22,7 @@ from typing import Any, Literal, NoReturn, Self, TypeAlias
 import anyio
 import anyio.abc
 
-from .driver import Driver, Record, base_covers, depth_below, is_expired
+from .driver import Driver, Record, base_covers, check_condition, depth_below, is_expired
 from .errors import (
     ConditionFailedError,
     DriverError,
@@ -447,44 +447,40 @@ class Storage:
         if mount.lock is None:
             mount.lock = anyio.Lock()
         async with mount.lock:
-            current = await mount.driver.get(rel)
-            if current is not None and is_expired(current.expires_at):
-                current = None
-            if etag is None and current is not None:
-                raise ConditionFailedError(f"key {rel!r} already exists")
-            if etag is not None and (current is None or current.etag != etag):
-                raise ConditionFailedError(f"etag of {rel!r} does not match")
+            current = await self._get_record(mount, rel)
+            stored = None if current is None else current.etag
+            check_condition(rel, stored, if_absent=etag is None, if_match=etag)
             await mount.driver.set(rel, data, expires_at=expires_at)
 
     # -- batches ------------------------------------------------------------------------
 
-    def _group(self, keys: Iterable[str]) -> dict[_Mount, tuple[list[str], list[str]]]:
-        """Locate every key once: {mount: (normalized keys, driver keys)}, in input
-        order within each mount."""
+    def _group(
+        self, keys: Iterable[str]
+    ) -> tuple[list[str], dict[_Mount, tuple[list[str], list[str]]]]:
+        """Locate every key once: (normalized keys in input order, {mount: (normalized
+        keys, driver keys)} in input order within each mount)."""
         routes = self._state.routes
         if len(routes) == 1:  # no mounts: one group, no routing
             nks = [normalize_key(key) for key in keys]
             prefix = self._prefix
-            return {routes[0]: (nks, [prefix + nk for nk in nks] if prefix else nks)}
+            return nks, {routes[0]: (nks, [prefix + nk for nk in nks] if prefix else nks)}
+        order: list[str] = []
         groups: dict[_Mount, tuple[list[str], list[str]]] = {}
         for key in keys:
             nk, mount, rel = self._locate(key)
+            order.append(nk)
             group = groups.get(mount)
             if group is None:
                 group = groups[mount] = ([], [])
             group[0].append(nk)
             group[1].append(rel)
-        return groups
+        return order, groups
 
     async def get_items(self, keys: Iterable[str]) -> dict[str, Any]:
         """Return ``{normalized key: value or None}`` in input order, one driver batch per
         mount."""
-        keys = list(keys)
-        groups = self._group(keys)
-        if len(groups) == 1:
-            result: dict[str, Any] = dict.fromkeys(next(iter(groups.values()))[0])
-        else:
-            result = dict.fromkeys(map(normalize_key, keys))
+        order, groups = self._group(keys)
+        result: dict[str, Any] = dict.fromkeys(order)
         for mount, (nks, rels) in groups.items():
             loads = mount.serializer.loads
             try:
@@ -526,7 +522,7 @@ class Storage:
     async def remove_items(self, keys: Iterable[str]) -> int:
         """Delete many keys, one driver batch per mount; return how many existed."""
         removed = 0
-        groups = self._group(keys)
+        _, groups = self._group(keys)
         for mount in groups:
             self._check_writable(mount)
         for mount, (nks, rels) in groups.items():

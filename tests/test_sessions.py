@@ -466,10 +466,7 @@ def test_default_storage_is_fs_in_dot_sessions(monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.delenv("KVSTORAGE_URL", raising=False)
     monkeypatch.chdir(tmp_path)
     manager = SessionManager()
-    try:
-        storage = manager.storage
-    except NotImplementedError:  # FSDriver is written in parallel; until it lands
-        pytest.skip("FSDriver is not available in this checkout")
+    storage = manager.storage
     assert type(storage.get_mount().driver).__name__ == "FSDriver"
 
 

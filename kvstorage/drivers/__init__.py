@@ -57,10 +57,6 @@ def _load(class_name: str) -> type[Driver]:
     try:
         module = importlib.import_module(f"{__name__}.{module_name}")
     except ModuleNotFoundError as exc:
-        if exc.name == f"{__name__}.{module_name}":
-            raise NotImplementedError(
-                f"{class_name} is not available yet in this version of kvstorage"
-            ) from None
         raise ImportError(
             f"{class_name} needs {exc.name!r}: pip install 'kvstorage[{extra}]'"
         ) from exc

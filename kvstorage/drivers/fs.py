@@ -106,9 +106,8 @@ import anyio.lowlevel
 import anyio.to_thread
 from anyio.lowlevel import EventLoopToken
 
-from ..driver import Capabilities, Driver, EmitEvent, Record, Stat, is_expired
+from ..driver import Capabilities, Driver, EmitEvent, Record, Stat, check_condition, is_expired
 from ..errors import (
-    ConditionFailedError,
     DriverError,
     InvalidKeyError,
     KVStorageError,
@@ -553,10 +552,7 @@ class FSDriver(Driver):
         with self._lock(key):
             if if_absent or if_match is not None:
                 etag = self._current_etag(key)
-                if if_absent and etag is not None:
-                    raise ConditionFailedError(f"key {key!r} already exists")
-                if if_match is not None and etag != if_match:
-                    raise ConditionFailedError(f"etag of {key!r} does not match")
+                check_condition(key, etag, if_absent=if_absent, if_match=if_match)
             self._store(key, value, expires_at)
 
     def _set_many(self, items: Sequence[tuple[str, bytes]], expires_at: float | None) -> None:

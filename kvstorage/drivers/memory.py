@@ -12,11 +12,10 @@ from ..driver import (
     Driver,
     Record,
     base_covers,
-    depth_below,
+    check_condition,
     is_expired,
     make_record,
 )
-from ..errors import ConditionFailedError
 
 __all__ = ["MemoryDriver"]
 
@@ -37,7 +36,7 @@ class MemoryDriver(Driver):
     """
 
     name = "memory"
-    capabilities = Capabilities(batch=True, max_depth=True, conditions=True)
+    capabilities = Capabilities(batch=True, conditions=True)
 
     def __init__(self, *, max_entries: int | None = None) -> None:
         if max_entries is not None and max_entries < 1:
@@ -89,10 +88,8 @@ class MemoryDriver(Driver):
     ) -> None:
         if if_absent or if_match is not None:
             current = self._live(key)
-            if if_absent and current is not None:
-                raise ConditionFailedError(f"key {key!r} already exists")
-            if if_match is not None and (current is None or current.etag != if_match):
-                raise ConditionFailedError(f"etag of {key!r} does not match")
+            etag = None if current is None else current.etag
+            check_condition(key, etag, if_absent=if_absent, if_match=if_match)
         self._store(key, value, expires_at)
 
     def _store(self, key: str, value: bytes, expires_at: float | None) -> None:
@@ -128,8 +125,6 @@ class MemoryDriver(Driver):
         now = time.time()
         for key in list(self._data):
             if not base_covers(base, key):
-                continue
-            if max_depth is not None and depth_below(base, key) > max_depth:
                 continue
             record = self._data.get(key)
             if record is not None and not is_expired(record.expires_at, now):
