@@ -306,12 +306,7 @@ class SessionManager:
             data, flash = session._merged(session._base)
             created = session._base.created if session._base is not None else time.time()
             return await self._create(session, data, flash, created, session._new_id)
-        if not session._loaded:  # a write-only request: nothing read yet
-            assert session._cookie_id is not None
-            base = await self._read(session._cookie_id)
-            session._loaded = True
-            if base is not None:
-                session._id, session._base = session._cookie_id, base
+        await session._load()  # a write-only request has read nothing yet
         if session._base is None or session._id is None:  # a new session
             data, flash = session._merged(None)
             if not data and not flash:  # e.g. only deletes: nothing worth a session
