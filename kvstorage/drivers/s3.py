@@ -4,12 +4,14 @@ aiobotocore. Runs on asyncio only (aiobotocore is asyncio-only)."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import os
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from typing import Any, NoReturn, TypeVar
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from botocore.exceptions import ClientError, ConnectionClosedError
 from botocore.exceptions import ConnectionError as BotoConnectionError
@@ -135,8 +137,6 @@ class S3Driver(Driver):
     def from_url(cls, url: str) -> S3Driver:
         """Build from ``s3://bucket/prefix?endpoint_url=...&region=...`` (also
         ``max_concurrency=16`` and ``conditional_writes=false``)."""
-        from urllib.parse import parse_qs, urlsplit
-
         parts = urlsplit(url)
         query = {name: values[-1] for name, values in parse_qs(parts.query).items()}
         unknown = set(query) - {"endpoint_url", "region", "max_concurrency", "conditional_writes"}
@@ -209,8 +209,6 @@ class S3Driver(Driver):
 
     def _key(self, name: str) -> str | None:
         """The key stored at object ``name``, or None if no key encodes to it."""
-        from urllib.parse import unquote
-
         relative = name[len(self.prefix) :]
         try:
             key = ":".join(unquote(segment, errors="strict") for segment in relative.split("/"))
@@ -523,14 +521,10 @@ def _session() -> Any:
 
 def _encode(key: str) -> str:
     """``a:b c`` -> ``a/b%20c``: each segment percent-encoded, joined by ``/``."""
-    from urllib.parse import quote
-
     return "/".join(quote(segment, safe=_SAFE) for segment in key.split(":"))
 
 
 def _md5(data: bytes) -> str:
-    import hashlib
-
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
