@@ -8,7 +8,6 @@ operation (a raw client without listing, say) leaves it as None and the row is s
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 import anyio
 import msgspec
 
-from kvstorage import Storage, create_storage
+from kvstorage import Storage
 
 Value = dict[str, Any]
 _encode = msgspec.json.encode
@@ -304,13 +303,3 @@ def peer_pkv_disk(directory: Path) -> Target | None:
     except ImportError:
         return None
     return _pkv_target(DiskStore(directory=str(directory)))
-
-
-def env_flag(name: str) -> bool:
-    """True when the environment variable ``name`` is set to a true value."""
-    return os.environ.get(name, "").lower() in {"1", "true", "yes"}
-
-
-def memory_storage() -> Storage:
-    """The memory driver at the root, as users create it."""
-    return create_storage()

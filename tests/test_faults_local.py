@@ -26,10 +26,10 @@ from kvstorage import Driver, create_storage
 from kvstorage.drivers import FSDriver, SQLiteDriver
 
 from . import reliability
+from .helpers import ROOT
 
 pytestmark = pytest.mark.anyio
 
-ROOT = Path(__file__).resolve().parent.parent
 DRIVERS = ["fs", "sqlite"]
 
 #: Opens the driver named by argv[1] at the path argv[2], in a child process.

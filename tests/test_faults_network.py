@@ -32,11 +32,12 @@ from kvstorage import DriverError, Storage, create_storage
 from kvstorage.drivers import RedisDriver
 
 from . import reliability
-from .backends.redis import RedisServer, free_port, require_redis, unique_base
+from .backends.redis import RedisServer, unique_base
 from .backends.redis_cluster import NODES, RedisCluster, require_redis_cluster, start_cluster
 from .backends.s3 import REGION
 from .faults.http_proxy import HttpFaultProxy
 from .faults.tcp_proxy import Mode, TcpFaultProxy
+from .helpers import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -263,7 +264,6 @@ async def test_redis_through_a_proxy_that_stalls_then_cuts(proxy: TcpFaultProxy)
 
 @pytest.mark.slow
 async def test_redis_killed_and_restarted_under_load(tmp_path: Path) -> None:
-    require_redis()
     server = RedisServer(free_port(), tmp_path / "restart")
     server.start()
     store = create_storage(RedisDriver(server.url, base=unique_base(), timeout=TIMEOUT))

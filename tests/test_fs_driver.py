@@ -29,11 +29,9 @@ from kvstorage import (
 from kvstorage.drivers import FSDriver, from_url
 
 from . import reliability
-from .helpers import eventually
+from .helpers import ROOT, eventually
 
 pytestmark = pytest.mark.anyio
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(params=["asyncio", "trio"])

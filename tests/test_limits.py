@@ -21,11 +21,11 @@ import pytest
 from kvstorage import Storage
 
 from .backends import BackendSpec
+from .helpers import ROOT
 from .reliability import record
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parent.parent
 HUGE = 50 * 2**20
 #: Peak Python allocations during a set and get of a HUGE value, in HUGE units: the value,
 #: its stored form (header + value) and the driver's send/receive buffers. s3 counts the

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from .backends.redis import RedisServer
+from .helpers import ROOT, free_port
 from .load.generator import run_load
 from .reliability import record
 
@@ -27,19 +28,6 @@ pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 LONG = os.environ.get("KVSTORAGE_LONG_TESTS") == "1"
 CLIENTS = 100
 PER_CLIENT = 500 if LONG else 30
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture
@@ -48,7 +36,7 @@ def serve(tmp_path: Path) -> Iterator[object]:
     processes: list[subprocess.Popen[bytes]] = []
 
     def start(store_url: str) -> str:
-        port = _free_port()
+        port = free_port()
         env = {**os.environ, "KVSTORAGE_URL": store_url}
         args = [sys.executable, "-m", "uvicorn", "tests.load.app:app", "--workers", "4"]
         args += ["--port", str(port), "--host", "127.0.0.1", "--log-level", "warning"]

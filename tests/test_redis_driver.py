@@ -18,9 +18,9 @@ from kvstorage import DriverError, DriverUnavailableError, Storage, create_stora
 from kvstorage.drivers import RedisDriver, from_url
 
 from . import reliability
-from .backends.redis import RedisServer, free_port, unique_base
+from .backends.redis import RedisServer, unique_base
 from .backends.redis_cluster import RedisCluster as ClusterProcesses
-from .helpers import eventually
+from .helpers import eventually, free_port
 
 pytestmark = pytest.mark.anyio
 

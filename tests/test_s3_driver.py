@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -12,8 +13,8 @@ import pytest
 from kvstorage import ConditionFailedError, DriverError, DriverUnavailableError, create_storage
 from kvstorage.drivers import S3Driver, from_url
 
-from .backends.s3 import REGION, _free_port
-from .helpers import eventually
+from .backends.s3 import REGION
+from .helpers import eventually, free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -33,8 +34,10 @@ AWKWARD_KEYS = [
 
 
 @pytest.fixture
-def driver(s3_endpoint: str, s3_bucket: str) -> S3Driver:
-    return S3Driver(s3_bucket, prefix="app", endpoint_url=s3_endpoint, region=REGION)
+async def driver(s3_endpoint: str, s3_bucket: str) -> AsyncIterator[S3Driver]:
+    driver = S3Driver(s3_bucket, prefix="app", endpoint_url=s3_endpoint, region=REGION)
+    yield driver
+    await driver.dispose()  # idempotent: also closes what a failing test left open
 
 
 async def _names(client: Any, bucket: str) -> list[str]:
@@ -326,7 +329,7 @@ async def test_from_url(s3_endpoint: str, s3_bucket: str) -> None:
 async def test_unreachable_endpoint_names_it(s3_endpoint: str) -> None:
     from aiobotocore.config import AioConfig
 
-    endpoint = f"http://127.0.0.1:{_free_port()}"
+    endpoint = f"http://127.0.0.1:{free_port()}"
     config = AioConfig(retries={"max_attempts": 1}, connect_timeout=2)
     driver = S3Driver("bucket", endpoint_url=endpoint, client_options={"config": config})
     store = create_storage(driver)

@@ -27,11 +27,9 @@ from kvstorage.drivers import SQLiteDriver, from_url
 from kvstorage.drivers.sqlite import SCHEMA_VERSION
 
 from . import reliability
-from .helpers import eventually
+from .helpers import ROOT, eventually
 
 pytestmark = pytest.mark.anyio
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 from kvstorage import Driver, Storage, create_storage, prefix_storage
 from kvstorage.drivers import FSDriver, MemoryDriver, RedisDriver, S3Driver, SQLiteDriver
 
-from .backends.s3 import CREDENTIALS, REGION
+from .backends.s3 import REGION
 from .reliability import record
 from .test_model import LONG, Model, apply, check, operations
 
@@ -53,26 +53,16 @@ def make_driver(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Call
 
 
 def _s3_drivers(endpoint: str, bucket: str) -> Iterator[Callable[[], Driver]]:
-    import os
-
     import botocore.session
 
-    saved = {key: os.environ.get(key) for key in CREDENTIALS}
-    os.environ.update(CREDENTIALS)
+    # the s3_endpoint fixture has set the credentials for the whole session
     client = botocore.session.get_session().create_client(
         "s3", endpoint_url=endpoint, region_name=REGION
     )
     client.create_bucket(Bucket=bucket)
-    try:
-        yield lambda: S3Driver(
-            bucket, prefix=f"sm-{uuid.uuid4().hex[:8]}", endpoint_url=endpoint, region=REGION
-        )
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    yield lambda: S3Driver(
+        bucket, prefix=f"sm-{uuid.uuid4().hex[:8]}", endpoint_url=endpoint, region=REGION
+    )
 
 
 class StorageMachine(RuleBasedStateMachine):

@@ -62,11 +62,6 @@ class BrokenDriver(Driver):
         yield ""
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def test_import_needs_no_backend_library() -> None:
     code = (
         "import sys, kvstorage, kvstorage.drivers; s = kvstorage.create_storage();"

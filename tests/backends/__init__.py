@@ -28,17 +28,15 @@ class BackendSpec:
     name: str
     fixture: str
     anyio_backends: tuple[str, ...] = ("asyncio",)
-    #: True when the driver keeps data across processes (enables two-process tests).
-    shared: bool = False
 
 
 BACKENDS: list[BackendSpec] = [
     BackendSpec("memory", "memory_driver_factory", ("asyncio", "trio")),
-    BackendSpec("fs", "fs_driver_factory", ("asyncio", "trio"), shared=True),
-    BackendSpec("sqlite", "sqlite_driver_factory", ("asyncio",), shared=True),
-    BackendSpec("s3", "s3_driver_factory", ("asyncio",), shared=True),
-    BackendSpec("redis", "redis_driver_factory", ("asyncio",), shared=True),
-    BackendSpec("redis_cluster", "redis_cluster_driver_factory", ("asyncio",), shared=True),
+    BackendSpec("fs", "fs_driver_factory", ("asyncio", "trio")),
+    BackendSpec("sqlite", "sqlite_driver_factory", ("asyncio",)),
+    BackendSpec("s3", "s3_driver_factory", ("asyncio",)),
+    BackendSpec("redis", "redis_driver_factory", ("asyncio",)),
+    BackendSpec("redis_cluster", "redis_cluster_driver_factory", ("asyncio",)),
 ]
 
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 
+from ..helpers import free_port
 from . import DriverFactory, require_service
 
 CREDENTIALS = {
@@ -26,13 +26,6 @@ CREDENTIALS = {
 }
 REGION = "us-east-1"
 _session: Any = None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +41,7 @@ def s3_endpoint() -> Iterator[str]:
     werkzeug = logging.getLogger("werkzeug")
     level = werkzeug.level
     werkzeug.setLevel(logging.ERROR)  # one access-log line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     try:

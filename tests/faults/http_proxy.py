@@ -20,7 +20,6 @@ class HttpCounters:
     """What the proxy did."""
 
     requests: int = 0
-    forwarded: int = 0
     failed_before: int = 0  #: answered 500/503 without forwarding
     failed_after: int = 0  #: forwarded, then the server's answer replaced by 500/503
     delayed: int = 0
@@ -148,7 +147,6 @@ class HttpFaultProxy:
             head = b" ".join(target)
             self.counters.pages += 1
         response = await self._forward(method, head, body)
-        self.counters.forwarded += 1
         if roll >= 1 - self.fail_after:
             self.counters.failed_after += 1
             return _error(status, method)

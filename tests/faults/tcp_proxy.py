@@ -7,7 +7,7 @@ import contextlib
 import enum
 import socket
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from . import LoopThread
 
@@ -25,17 +25,6 @@ class _Link:
     client: asyncio.StreamWriter
     upstream: asyncio.StreamWriter
     broken: bool = False  # bytes were dropped: the stream can never be resumed
-
-
-@dataclass
-class Counters:
-    """What the proxy did."""
-
-    accepted: int = 0
-    reset: int = 0
-    dropped_bytes: int = 0
-    forwarded_bytes: int = 0
-    modes: list[str] = field(default_factory=list)
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:
@@ -60,7 +49,6 @@ class TcpFaultProxy:
 
     def __init__(self, target_port: int | None = None) -> None:
         self.target_port: int | None = target_port
-        self.counters = Counters()
         self._mode = Mode.NORMAL
         self._links: set[_Link] = set()
         self._thread = LoopThread(f"tcp-proxy-{target_port}")
@@ -71,10 +59,6 @@ class TcpFaultProxy:
     def url(self) -> str:
         """``redis://`` URL of the proxy (for a Redis behind it)."""
         return f"redis://127.0.0.1:{self.port}/0"
-
-    @property
-    def mode(self) -> Mode:
-        return self._mode
 
     def set_mode(self, mode: Mode) -> None:
         """Switch to ``mode`` (returns once it applies to every connection)."""
@@ -97,7 +81,6 @@ class TcpFaultProxy:
 
     async def _switch(self, mode: Mode) -> None:
         previous, self._mode = self._mode, mode
-        self.counters.modes.append(mode.value)
         doomed = [
             link
             for link in self._links
@@ -114,26 +97,21 @@ class TcpFaultProxy:
 
     async def _close(self) -> None:
         self._server.close()
-        for link in list(self._links):
-            self._drop(link)
+        await self._reset_all()
 
     def _drop(self, link: _Link) -> None:
         if link in self._links:
             self._links.discard(link)
-            self.counters.reset += 1
             _reset(link.client)
             link.upstream.transport.abort()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.counters.accepted += 1
         if self._mode is Mode.CUT or self.target_port is None:
-            self.counters.reset += 1
             _reset(writer)
             return
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
-            self.counters.reset += 1
             _reset(writer)
             return
         link = _Link(writer, up_writer)
@@ -159,7 +137,5 @@ class TcpFaultProxy:
                 if self._mode is Mode.NORMAL and not link.broken:
                     writer.write(data)
                     await writer.drain()
-                    self.counters.forwarded_bytes += len(data)
                 else:
                     link.broken = True
-                    self.counters.dropped_bytes += len(data)
