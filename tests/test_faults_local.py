@@ -13,20 +13,17 @@ import contextlib
 import random
 import signal
 import sqlite3
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import anyio
 import pytest
-from anyio.abc import Process
 
 from kvstorage import Driver, create_storage
 from kvstorage.drivers import FSDriver, SQLiteDriver
 
 from . import reliability
-from .helpers import ROOT
+from .children import read_lines, spawn
 
 pytestmark = pytest.mark.anyio
 
@@ -120,29 +117,6 @@ def _path(kind: str, tmp_path: Path) -> Path:
     return tmp_path / ("data" if kind == "fs" else "kv.db")
 
 
-async def _spawn(code: str, kind: str, path: Path) -> Process:
-    return await anyio.open_process(
-        [sys.executable, "-c", code, kind, str(path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=ROOT,
-    )
-
-
-async def _read_lines(process: Process, count: int) -> list[str]:
-    """The child's next ``count`` output lines (bounded by the caller's timeout)."""
-    assert process.stdout is not None
-    received = b""
-    while received.count(b"\n") < count:
-        try:
-            received += await process.stdout.receive()
-        except anyio.EndOfStream:
-            assert process.stderr is not None
-            err = b"".join([chunk async for chunk in process.stderr])
-            raise AssertionError(f"child ended early; stderr:\n{err.decode()}") from None
-    return received.decode().splitlines()
-
-
 def _integrity(path: Path) -> list[tuple[object, ...]]:
     with contextlib.closing(sqlite3.connect(path)) as db:
         return db.execute("PRAGMA integrity_check").fetchall()
@@ -158,9 +132,9 @@ def _temp_files(base: Path) -> list[Path]:
 @pytest.mark.parametrize("kind", DRIVERS)
 async def test_a_write_beyond_the_file_size_limit_fails_cleanly(kind: str, tmp_path: Path) -> None:
     path = _path(kind, tmp_path)
-    async with await _spawn(_FILLER, kind, path) as child:
+    async with await spawn(_FILLER, kind, str(path)) as child:
         with anyio.fail_after(30):
-            lines = await _read_lines(child, 4)
+            lines = await read_lines(child, 4)
             assert await child.wait() == 0
     error, after, batch_error, small = lines
     assert error.startswith("DriverError "), error  # then the cause, for the record
@@ -203,9 +177,9 @@ async def test_sigkill_during_set_items_leaves_each_key_old_or_new(
     generations = {value(g, i): g for g in "AB" for i in range(KEYS)}
     kills = mixed = 0
     for _ in range(KILLS):
-        async with await _spawn(_BATCHER, kind, path) as child:
+        async with await spawn(_BATCHER, kind, str(path)) as child:
             with anyio.fail_after(30):
-                await _read_lines(child, 1)
+                await read_lines(child, 1)
             await anyio.sleep(random.uniform(0, 0.05))  # kill at a random moment
             child.send_signal(signal.SIGKILL)
             with anyio.fail_after(10):

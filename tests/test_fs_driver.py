@@ -29,6 +29,7 @@ from kvstorage import (
 from kvstorage.drivers import FSDriver, from_url
 
 from . import reliability
+from .children import run_counters
 from .helpers import ROOT, eventually
 
 pytestmark = pytest.mark.anyio
@@ -362,26 +363,6 @@ _OVERWRITER = textwrap.dedent(
     """
 )
 
-_INCREMENTER = textwrap.dedent(
-    """
-    import os, sys, time, anyio
-    from kvstorage import create_storage
-    from kvstorage.drivers import FSDriver
-
-    async def main():
-        storage = create_storage(FSDriver(sys.argv[1]))
-        print("ready", flush=True)
-        deadline = time.monotonic() + 30
-        while not os.path.exists(sys.argv[2]):  # start together
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
-        for _ in range(200):
-            await storage.update_item("counter", lambda n: (n or 0) + 1, retries=10_000)
-
-    anyio.run(main)
-    """
-)
-
 
 async def _keys(driver: FSDriver) -> list[str]:
     return [key async for key in driver.scan()]
@@ -437,32 +418,8 @@ def test_a_killed_writer_never_leaves_a_torn_value(base: Path) -> None:
 
 
 @pytest.mark.slow
-def test_two_processes_increment_exactly(base: Path, tmp_path: Path) -> None:
-    script = tmp_path / "incrementer.py"
-    script.write_text(_INCREMENTER)
-    go = tmp_path / "go"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(base), str(go)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=_ENV,
-        )
-        for _ in range(2)
-    ]
-    try:
-        for proc in procs:
-            _wait_for_line(proc, "ready")
-        go.touch()
-        for proc in procs:
-            _, err = proc.communicate(timeout=60)
-            assert proc.returncode == 0, err
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+def test_two_processes_increment_exactly(base: Path) -> None:
+    anyio.run(run_counters, f"file://{base}", 200)
     driver = FSDriver(base)
     record = anyio.run(driver.get, "counter")
     anyio.run(driver.dispose)

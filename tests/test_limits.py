@@ -5,23 +5,19 @@ Figures go to RELIABILITY.md (sections "hostile" and "concurrency").
 
 from __future__ import annotations
 
-import functools
 import os
-import subprocess
-import sys
 import time
 import tracemalloc
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-import anyio
 import pytest
 
 from kvstorage import Storage
 
 from .backends import BackendSpec
-from .helpers import ROOT
+from .children import run_counters
 from .reliability import record
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -60,22 +56,6 @@ async def test_huge_value_round_trips(storage: Storage, backend_spec: BackendSpe
     )
 
 
-COUNTER_CHILD = """
-import asyncio, sys
-from kvstorage import create_storage
-
-async def main() -> None:
-    storage = create_storage(sys.argv[1])
-    print("ready", flush=True)
-    sys.stdin.readline()
-    for _ in range(int(sys.argv[2])):
-        await storage.update_item("counter", lambda n: (n or 0) + 1, retries=10_000)
-    await storage.dispose()
-
-asyncio.run(main())
-"""
-
-
 def _url(spec: BackendSpec, storage: Storage, request: pytest.FixtureRequest) -> str | None:
     """A URL another process can open to reach the same store, or None."""
     driver: Any = storage.get_mount("").driver
@@ -99,35 +79,7 @@ async def test_two_processes_increment_one_counter(
     assert url is not None
     per_process = 50 if backend_spec.name == "s3" else 200  # moto: ~100 requests/s
     await storage.set_item("counter", 0)
-    script = tmp_path / "counter_child.py"
-    script.write_text(COUNTER_CHILD)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    spawn = functools.partial(
-        subprocess.Popen,
-        [sys.executable, str(script), url, str(per_process)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-    )
-    children = [await anyio.to_thread.run_sync(spawn) for _ in range(2)]
-    try:
-        for child in children:
-            assert child.stdout is not None
-            line = await anyio.to_thread.run_sync(child.stdout.readline)
-            assert line.strip() == b"ready", child.stderr.read() if child.stderr else b""
-        for child in children:
-            assert child.stdin is not None
-            child.stdin.write(b"go\n")
-            child.stdin.flush()
-        for child in children:
-            code = await anyio.to_thread.run_sync(lambda c=child: c.wait(120))
-            assert code == 0, child.stderr.read() if child.stderr else b""
-    finally:
-        for child in children:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
+    await run_counters(url, per_process)
     final = await storage.get_item("counter")
     record(
         "concurrency",

@@ -7,14 +7,12 @@ import random
 import re
 import signal
 import sqlite3
-import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
 import pytest
-from anyio.abc import Process
 
 from kvstorage import (
     ConditionFailedError,
@@ -27,6 +25,7 @@ from kvstorage.drivers import SQLiteDriver, from_url
 from kvstorage.drivers.sqlite import SCHEMA_VERSION
 
 from . import reliability
+from .children import read_lines, run_counters, spawn
 from .helpers import ROOT, eventually
 
 pytestmark = pytest.mark.anyio
@@ -371,49 +370,14 @@ async def main() -> None:
 asyncio.run(main())
 """
 
-COUNTER_CHILD = """
-import asyncio, sys
-from kvstorage import create_storage
-from kvstorage.drivers import SQLiteDriver
-
-async def main() -> None:
-    store = create_storage(SQLiteDriver(sys.argv[1]))
-    await store.has_item("counter")
-    print("ready", flush=True)
-    sys.stdin.readline()
-    for _ in range(200):
-        await store.update_item("counter", lambda n: (n or 0) + 1, retries=10_000)
-    await store.dispose()
-    print("done", flush=True)
-
-asyncio.run(main())
-"""
-
-
-async def _spawn(code: str, db_path: Path) -> Process:
-    return await anyio.open_process(
-        [sys.executable, "-c", code, str(db_path)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        cwd=ROOT,
-    )
-
-
-async def _read_line(process: Process, expected: bytes) -> None:
-    """Wait (bounded by the caller) until the child prints ``expected``."""
-    assert process.stdout is not None
-    received = b""
-    while not received.endswith(expected + b"\n"):
-        received += await process.stdout.receive()
-
 
 @pytest.mark.slow
 async def test_killed_writer_never_leaves_a_torn_value(db_path: Path) -> None:
     values = (bytes(range(256)) * 4096, bytes(range(255, -1, -1)) * 4096)
     for _ in range(22):
-        async with await _spawn(CRASH_CHILD, db_path) as child:
+        async with await spawn(CRASH_CHILD, str(db_path)) as child:
             with anyio.fail_after(30):
-                await _read_line(child, b"started")
+                assert await read_lines(child, 1) == ["started"]
             await anyio.sleep(random.uniform(0, 0.05))  # kill at a random moment
             child.send_signal(signal.SIGKILL)
             assert await child.wait() == -signal.SIGKILL
@@ -430,22 +394,7 @@ async def test_killed_writer_never_leaves_a_torn_value(db_path: Path) -> None:
 async def test_two_processes_increment_exactly(db_path: Path) -> None:
     store = create_storage(SQLiteDriver(db_path))
     await store.set_item("counter", 0)
-    children = [await _spawn(COUNTER_CHILD, db_path) for _ in range(2)]
-    try:
-        with anyio.fail_after(60):
-            for child in children:
-                await _read_line(child, b"ready")
-            for child in children:
-                assert child.stdin is not None
-                await child.stdin.send(b"go\n")
-            for child in children:
-                await _read_line(child, b"done")
-                assert await child.wait() == 0
-    finally:
-        for child in children:
-            if child.returncode is None:
-                child.kill()
-            await child.aclose()
+    await run_counters(f"sqlite:///{db_path}", 200)
     assert await store.get_item("counter") == 400
     await store.dispose()
 
