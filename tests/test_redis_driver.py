@@ -26,6 +26,20 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
+def base() -> str:
+    return unique_base()
+
+
+@pytest.fixture
+async def store(redis_server: RedisServer, base: str) -> AsyncIterator[Storage]:
+    """A storage on the session's redis-server under ``base``; cleared afterwards."""
+    store = create_storage(RedisDriver(redis_server.url, base=base))
+    yield store
+    await store.clear()
+    await store.dispose()
+
+
+@pytest.fixture
 async def raw(redis_server: RedisServer) -> AsyncIterator[Redis]:
     client = Redis.from_url(redis_server.url)
     yield client
@@ -125,29 +139,23 @@ async def test_etag_survives_other_writers_and_if_match(redis_server: RedisServe
 
 
 async def test_ttl_is_native_with_millisecond_precision(
-    redis_server: RedisServer, raw: Redis
+    raw: Redis, base: str, store: Storage
 ) -> None:
-    base = unique_base()
-    store = create_storage(RedisDriver(redis_server.url, base=base))
-    try:
-        await store.set_item("t", 1, ttl=0.25)
-        pttl = await raw.pttl(base + ":t")
-        assert 100 < pttl <= 250  # milliseconds, not rounded to seconds
-        meta = await store.get_meta("t")
-        assert meta is not None and meta.ttl is not None and 0.1 < meta.ttl <= 0.25
-        await store.set_items({"u": 1, "v": 2}, ttl=1.5)
-        assert 1000 < await raw.pttl(base + ":u") <= 1500
-        assert await store.touch("u", ttl=0.3)
-        assert 100 < await raw.pttl(base + ":u") <= 300
-        assert await store.touch("v", ttl=None)
-        assert await raw.pttl(base + ":v") == -1  # persisted
-        assert await store.get_item("v") == 2
-        # Redis itself deletes the keys: nothing to sweep, nothing left behind.
-        await eventually(lambda: _gone(raw, base + ":t", base + ":u"), within=3)
-        assert await store.sweep() == 0
-    finally:
-        await store.clear()
-        await store.dispose()
+    await store.set_item("t", 1, ttl=0.25)
+    pttl = await raw.pttl(base + ":t")
+    assert 100 < pttl <= 250  # milliseconds, not rounded to seconds
+    meta = await store.get_meta("t")
+    assert meta is not None and meta.ttl is not None and 0.1 < meta.ttl <= 0.25
+    await store.set_items({"u": 1, "v": 2}, ttl=1.5)
+    assert 1000 < await raw.pttl(base + ":u") <= 1500
+    assert await store.touch("u", ttl=0.3)
+    assert 100 < await raw.pttl(base + ":u") <= 300
+    assert await store.touch("v", ttl=None)
+    assert await raw.pttl(base + ":v") == -1  # persisted
+    assert await store.get_item("v") == 2
+    # Redis itself deletes the keys: nothing to sweep, nothing left behind.
+    await eventually(lambda: _gone(raw, base + ":t", base + ":u"), within=3)
+    assert await store.sweep() == 0
 
 
 async def _gone(raw: Redis, *names: str) -> bool:
@@ -155,21 +163,15 @@ async def _gone(raw: Redis, *names: str) -> bool:
 
 
 async def test_values_not_written_by_kvstorage_are_reported(
-    redis_server: RedisServer, raw: Redis
+    raw: Redis, base: str, store: Storage
 ) -> None:
-    base = unique_base()
-    store = create_storage(RedisDriver(redis_server.url, base=base))
-    try:
-        await raw.set(base + ":foreign", b"plain")
-        with pytest.raises(DriverError, match="not written by kvstorage"):
-            await store.get_item("foreign")
-        with pytest.raises(DriverError, match="not written by kvstorage"):
-            await store.get_items(["missing", "foreign"])
-        assert await store.touch("foreign", ttl=10) is False
-        assert await raw.get(base + ":foreign") == b"plain"
-    finally:
-        await store.clear()
-        await store.dispose()
+    await raw.set(base + ":foreign", b"plain")
+    with pytest.raises(DriverError, match="not written by kvstorage"):
+        await store.get_item("foreign")
+    with pytest.raises(DriverError, match="not written by kvstorage"):
+        await store.get_items(["missing", "foreign"])
+    assert await store.touch("foreign", ttl=10) is False
+    assert await raw.get(base + ":foreign") == b"plain"
 
 
 async def test_given_client_is_used_and_not_closed(redis_server: RedisServer) -> None:
@@ -429,69 +431,53 @@ async def _calls(raw: Redis, command: str) -> int:
     return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
 
 
-async def test_concurrent_reads_are_pipelined(redis_server: RedisServer, raw: Redis) -> None:
-    base = unique_base()
-    store = create_storage(RedisDriver(redis_server.url, base=base))
-    try:
-        await store.set_items({f"c:{i}": i for i in range(200)})
-        results: list[object] = [None] * 201
-        gets, mgets = await _calls(raw, "get"), await _calls(raw, "mget")
+async def test_concurrent_reads_are_pipelined(raw: Redis, base: str, store: Storage) -> None:
+    await store.set_items({f"c:{i}": i for i in range(200)})
+    results: list[object] = [None] * 201
+    gets, mgets = await _calls(raw, "get"), await _calls(raw, "mget")
 
-        async def read(i: int) -> None:
-            results[i] = await store.get_item(f"c:{i}")
+    async def read(i: int) -> None:
+        results[i] = await store.get_item(f"c:{i}")
 
-        async with anyio.create_task_group() as group:
-            for i in range(201):
-                group.start_soon(read, i)
-        assert results == [*range(200), None]
-        # a few GETs went out alone; the rest shared MGETs
-        assert await _calls(raw, "get") - gets < 20
-        assert await _calls(raw, "mget") - mgets >= 1
-    finally:
-        await store.clear()
-        await store.dispose()
+    async with anyio.create_task_group() as group:
+        for i in range(201):
+            group.start_soon(read, i)
+    assert results == [*range(200), None]
+    # a few GETs went out alone; the rest shared MGETs
+    assert await _calls(raw, "get") - gets < 20
+    assert await _calls(raw, "mget") - mgets >= 1
 
 
 async def test_a_cancelled_call_never_leaves_its_reply_to_the_next(
-    redis_server: RedisServer, raw: Redis
+    raw: Redis, store: Storage
 ) -> None:
     # The driver sends GET/SET/MGET on pooled connections itself: a call cancelled after
     # its command went out must not return the connection to the pool with the reply
     # still to come, or the next call would read that reply as its own (redis-py had
     # this bug: CVE-2023-28858).
-    store = create_storage(RedisDriver(redis_server.url, base=unique_base()))
-    try:
-        await store.set_items({"a": "A", "b": "B"})
-        calls = [
-            lambda: store.get_item("a"),
-            lambda: store.get_items(["a"]),
-            lambda: store.set_item("a", "A"),
-        ]
-        for call in calls:
-            await raw.execute_command("CLIENT", "PAUSE", 200, "ALL")
-            with anyio.move_on_after(0.05) as scope:
-                await call()
-            assert scope.cancelled_caught  # cancelled while the server held the reply
-            for _ in range(3):  # the first waits for the pause to end
-                assert await store.get_item("b") == "B"
-                assert await store.get_items(["b", "a"]) == {"b": "B", "a": "A"}
-    finally:
-        await store.clear()
-        await store.dispose()
+    await store.set_items({"a": "A", "b": "B"})
+    calls = [
+        lambda: store.get_item("a"),
+        lambda: store.get_items(["a"]),
+        lambda: store.set_item("a", "A"),
+    ]
+    for call in calls:
+        await raw.execute_command("CLIENT", "PAUSE", 200, "ALL")
+        with anyio.move_on_after(0.05) as scope:
+            await call()
+        assert scope.cancelled_caught  # cancelled while the server held the reply
+        for _ in range(3):  # the first waits for the pause to end
+            assert await store.get_item("b") == "B"
+            assert await store.get_items(["b", "a"]) == {"b": "B", "a": "A"}
 
 
-async def test_values_around_the_inline_argument_size(redis_server: RedisServer) -> None:
+async def test_values_around_the_inline_argument_size(store: Storage) -> None:
     # Command arguments up to 4,096 bytes are copied into one buffer, larger ones sent as
     # they are: both must arrive intact (the stored form adds a 32-byte header).
-    store = create_storage(RedisDriver(redis_server.url, base=unique_base()))
-    try:
-        values = {f"v{size}": bytes([size % 251]) * size for size in range(4056, 4072)}
-        for key, value in values.items():
-            await store.set_item_raw(key, value)
-            assert await store.get_item_raw(key) == value
-    finally:
-        await store.clear()
-        await store.dispose()
+    values = {f"v{size}": bytes([size % 251]) * size for size in range(4056, 4072)}
+    for key, value in values.items():
+        await store.set_item_raw(key, value)
+        assert await store.get_item_raw(key) == value
 
 
 @given(
