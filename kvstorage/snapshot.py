@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .keys import join_keys, normalize_base
+from .keys import normalize_base
 from .storage import Storage
 
 __all__ = ["prefix_storage", "restore_snapshot", "snapshot"]
@@ -20,10 +20,9 @@ def prefix_storage(storage: Storage, base: str) -> Storage:
     ``base``, ``clear()`` clears only under it, ``watch()`` sees only its keys. It is a
     convenience, not a security boundary.
     """
-    nested = normalize_base(base)
-    if not nested:
+    if not normalize_base(base):
         return storage
-    return storage._view(join_keys(storage._base, nested))
+    return storage._view(storage._full_base(base))
 
 
 async def snapshot(storage: Storage, base: str = "") -> dict[str, Any]:

@@ -22,7 +22,7 @@ from typing import Any, Literal, NoReturn, Self, TypeAlias
 import anyio
 import anyio.abc
 
-from .driver import Driver, Record, base_covers, check_condition, depth_below, is_expired
+from .driver import Driver, Record, Stat, base_covers, check_condition, depth_below, is_expired
 from .errors import (
     ConditionFailedError,
     DriverError,
@@ -110,6 +110,14 @@ class _State:
     def add(self, mount: _Mount) -> None:
         self.mounts[mount.base] = mount
         self.routes = sorted(self.mounts.values(), key=lambda m: len(m.base), reverse=True)
+
+    def route(self, path: str) -> _Mount:
+        """The mount whose prefix ``path`` starts with, longest first (the root matches
+        everything)."""
+        for mount in self.routes:
+            if path.startswith(mount.prefix):
+                return mount
+        raise AssertionError("the root mount always matches")  # pragma: no cover
 
     def emit(self, event: Literal["update", "remove"], full_key: str) -> None:
         for callback, prefix in list(self.watchers):
@@ -207,6 +215,10 @@ class Storage:
 
     # -- routing ------------------------------------------------------------------------
 
+    def _full_base(self, base: str) -> str:
+        """``base`` normalized and below this view's own base."""
+        return join_keys(self._base, normalize_base(base))
+
     def _locate(self, key: str) -> tuple[str, _Mount, str]:
         """(normalized key as the caller sees it, mount, driver-relative key)."""
         nk = normalize_key(key)
@@ -214,21 +226,15 @@ class Storage:
         routes = self._state.routes
         if len(routes) == 1:  # no mounts: the root takes every key
             return nk, routes[0], full
-        for mount in routes:
-            if full.startswith(mount.prefix):
-                return nk, mount, full[len(mount.prefix) :]
-        raise AssertionError("the root mount always matches")  # pragma: no cover
+        mount = self._state.route(full)
+        return nk, mount, full[len(mount.prefix) :]
 
     def _plan(self, base: str) -> list[tuple[_Mount, str, tuple[str, ...], int]]:
         """The mounts holding keys under ``base``: (mount, driver base, masked driver
         prefixes, depth of the mount's keys below ``base``)."""
-        full = join_keys(self._base, normalize_base(base))
-        probe = full + ":"
-        plan = []
-        for mount in self._state.routes:
-            if probe.startswith(mount.prefix):
-                plan.append((mount, full[len(mount.prefix) :], 0))
-                break
+        full = self._full_base(base)
+        first = self._state.route(full + ":")
+        plan = [(first, full[len(first.prefix) :], 0)]
         for mount in reversed(self._state.routes):
             if mount.base and base_covers(full, mount.base) and mount is not plan[0][0]:
                 plan.append((mount, "", depth_below(full, mount.base) + 1))
@@ -249,11 +255,7 @@ class Storage:
     async def has_item(self, key: str) -> bool:
         """True if ``key`` holds an unexpired value."""
         _, mount, rel = self._locate(key)
-        try:
-            stat = await mount.driver.head(rel)
-        except Exception as exc:
-            _fail(mount, exc)
-        return stat is not None and not is_expired(stat.expires_at)
+        return await self._get_stat(mount, rel) is not None
 
     async def get_item(self, key: str, default: Any = None) -> Any:
         """Return the value at ``key``, or ``default`` when it is missing or expired."""
@@ -326,11 +328,8 @@ class Storage:
     async def get_meta(self, key: str) -> Meta | None:
         """Return size, etag, mtime and expiry of ``key``, or None if it is missing."""
         _, mount, rel = self._locate(key)
-        try:
-            stat = await mount.driver.head(rel)
-        except Exception as exc:
-            _fail(mount, exc)
-        if stat is None or is_expired(stat.expires_at):
+        stat = await self._get_stat(mount, rel)
+        if stat is None:
             return None
         return _meta(stat.size, stat.etag, stat.mtime, stat.expires_at)
 
@@ -399,6 +398,16 @@ class Storage:
             return await mount.driver.touch(rel, expires_at=_expires_at(ttl))
         except Exception as exc:
             _fail(mount, exc)
+
+    async def _get_stat(self, mount: _Mount, rel: str) -> Stat | None:
+        """The driver's ``head`` of ``rel``; None when missing or expired."""
+        try:
+            stat = await mount.driver.head(rel)
+        except Exception as exc:
+            _fail(mount, exc)
+        if stat is None or is_expired(stat.expires_at):
+            return None
+        return stat
 
     async def _get_record(self, mount: _Mount, rel: str) -> Record | None:
         try:
@@ -618,7 +627,7 @@ class Storage:
         The longest matching mount wins and hides the parent's keys under it. A base that
         is already mounted raises ``ValueError``.
         """
-        full = join_keys(self._base, normalize_base(base))
+        full = self._full_base(base)
         if full in self._state.mounts:
             raise ValueError(f"a driver is already mounted at {full!r}; unmount it first")
         if isinstance(driver, str):
@@ -633,7 +642,7 @@ class Storage:
 
     async def unmount(self, base: str, *, dispose: bool = True) -> None:
         """Remove the mount at ``base`` (disposing its driver unless ``dispose=False``)."""
-        full = join_keys(self._base, normalize_base(base))
+        full = self._full_base(base)
         if not full:
             raise ValueError("the root mount cannot be unmounted")
         mount = self._state.mounts.get(full)
@@ -649,16 +658,12 @@ class Storage:
 
     def get_mount(self, base: str = "") -> Mount:
         """The mount responsible for keys under ``base``."""
-        probe = join_keys(self._base, normalize_base(base)) + ":"
-        for mount in self._state.routes:
-            if probe.startswith(mount.prefix):
-                return mount.public()
-        raise AssertionError("the root mount always matches")  # pragma: no cover
+        return self._state.route(self._full_base(base) + ":").public()
 
     def get_mounts(self, base: str = "", *, parents: bool = False) -> list[Mount]:
         """Mounts at or under ``base`` (and, with ``parents``, those above it), longest
         base first."""
-        full = join_keys(self._base, normalize_base(base))
+        full = self._full_base(base)
         probe = full + ":"
         return [
             mount.public()
