@@ -10,7 +10,6 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import aclosing
@@ -31,6 +30,7 @@ from .errors import (
     SerializationError,
 )
 from .keys import join_keys, normalize_base, normalize_key
+from .retry import backoff
 from .serializers import Serializer, get_serializer
 
 __all__ = ["Entry", "Meta", "Mount", "Storage", "WatchCallback", "create_storage"]
@@ -383,8 +383,7 @@ class Storage:
             except ConditionFailedError:
                 if attempt == retries:
                     raise
-                # Back off a little (randomized) so contending writers spread out.
-                await anyio.sleep(random.random() * min(0.0005 * 2**attempt, 0.02))
+                await backoff(attempt)
                 continue
             return new
         raise AssertionError("unreachable")  # pragma: no cover
