@@ -164,6 +164,43 @@ def _entry(value: Any, record: Record) -> Entry:
     return Entry(value, record.etag, meta)
 
 
+def _check_conditions(if_absent: bool, if_match: str | None) -> None:
+    if not isinstance(if_absent, bool):
+        raise TypeError(f"if_absent must be a bool, not {type(if_absent).__name__}")
+    if if_match is not None and not isinstance(if_match, str):
+        raise TypeError(f"if_match must be an etag string, not {type(if_match).__name__}")
+    if if_absent and if_match is not None:
+        raise ValueError("pass if_absent or if_match, not both")
+
+
+def _check_depth(max_depth: int | None) -> None:
+    if max_depth is None:
+        return
+    if not isinstance(max_depth, int) or isinstance(max_depth, bool):
+        raise TypeError(f"max_depth must be an int or None, not {type(max_depth).__name__}")
+    if max_depth < 0:
+        raise ValueError(f"max_depth must be >= 0, got {max_depth}")
+
+
+def _key_list(keys: Iterable[str]) -> Iterable[str]:
+    """``keys`` itself, unless it is one string (which would iterate as characters)."""
+    if isinstance(keys, str | bytes):
+        raise TypeError(f"keys must be an iterable of keys, not a single {type(keys).__name__}")
+    return keys
+
+
+def _pairs(items: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    if isinstance(items, Mapping):
+        return list(items.items())
+    if isinstance(items, str | bytes):
+        raise TypeError("items must be a mapping or an iterable of (key, value) pairs")
+    pairs = list(items)
+    for pair in pairs:
+        if not (isinstance(pair, tuple | list) and len(pair) == 2):
+            raise TypeError(f"items must be (key, value) pairs, got {pair!r:.60}")
+    return pairs
+
+
 def _as_bytes(data: Any) -> bytes:
     if type(data) is bytes:
         return data
@@ -296,8 +333,9 @@ class Storage:
             ConditionFailedError: a condition was false (nothing is written).
         """
         nk, mount, rel = self._locate(key)
-        data = mount.serializer.dumps(value)
         expires_at = None if ttl is None else _expires_at(ttl)
+        _check_conditions(if_absent, if_match)
+        data = mount.serializer.dumps(value)
         await self._write(nk, mount, rel, data, expires_at, if_absent, if_match)
 
     async def set_item_raw(
@@ -311,7 +349,9 @@ class Storage:
     ) -> None:
         """Store ``data`` unchanged at ``key`` (same options as :meth:`set_item`)."""
         nk, mount, rel = self._locate(key)
-        await self._write(nk, mount, rel, _as_bytes(data), _expires_at(ttl), if_absent, if_match)
+        expires_at = _expires_at(ttl)
+        _check_conditions(if_absent, if_match)
+        await self._write(nk, mount, rel, _as_bytes(data), expires_at, if_absent, if_match)
 
     async def remove_item(self, key: str) -> bool:
         """Delete ``key``; return True if it held a value."""
@@ -364,6 +404,12 @@ class Storage:
         :class:`ConditionFailedError`). Without ``ttl`` the item keeps its current expiry.
         """
         nk, mount, rel = self._locate(key)
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+            raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+        if ttl is not None:
+            _expires_at(ttl)  # a bad ttl fails before the first read
         for attempt in range(retries + 1):
             record = await self._get_record(mount, rel)
             old = None if record is None else mount.serializer.loads(record.value)
@@ -392,9 +438,10 @@ class Storage:
         """Set a new expiry on ``key`` (``None`` removes it) without rewriting the value
         through the serializer; False if the key is missing."""
         _, mount, rel = self._locate(key)
+        expires_at = _expires_at(ttl)
         self._check_writable(mount)
         try:
-            return await mount.driver.touch(rel, expires_at=_expires_at(ttl))
+            return await mount.driver.touch(rel, expires_at=expires_at)
         except Exception as exc:
             _fail(mount, exc)
 
@@ -433,8 +480,6 @@ class Storage:
         if_match: str | None,
     ) -> None:
         self._check_writable(mount)
-        if if_absent and if_match is not None:
-            raise ValueError("pass if_absent or if_match, not both")
         driver = mount.driver
         try:
             if (if_absent or if_match is not None) and not driver.capabilities.conditions:
@@ -487,7 +532,7 @@ class Storage:
     async def get_items(self, keys: Iterable[str]) -> dict[str, Any]:
         """Return ``{normalized key: value or None}`` in input order, one driver batch per
         mount."""
-        order, groups = self._group(keys)
+        order, groups = self._group(_key_list(keys))
         result: dict[str, Any] = dict.fromkeys(order)
         for mount, (nks, rels) in groups.items():
             loads = mount.serializer.loads
@@ -509,7 +554,7 @@ class Storage:
     ) -> None:
         """Store many values, one driver batch per mount. Every value is serialized (and
         every key checked) before anything is written."""
-        pairs = list(items.items() if isinstance(items, Mapping) else items)
+        pairs = _pairs(items)
         expires_at = _expires_at(ttl)
         groups: dict[_Mount, list[tuple[str, str, bytes]]] = {}
         for key, value in pairs:
@@ -530,7 +575,7 @@ class Storage:
     async def remove_items(self, keys: Iterable[str]) -> int:
         """Delete many keys, one driver batch per mount; return how many existed."""
         removed = 0
-        _, groups = self._group(keys)
+        _, groups = self._group(_key_list(keys))
         for mount in groups:
             self._check_writable(mount)
         for mount, (nks, rels) in groups.items():
@@ -556,6 +601,7 @@ class Storage:
         ``max_depth`` limits how many separators a key may have below ``base``: ``0``
         yields only direct children.
         """
+        _check_depth(max_depth)
         strip = len(self._prefix)
         for mount, driver_base, masks, offset in self._plan(base):
             depth = None if max_depth is None else max_depth - offset
@@ -684,6 +730,8 @@ class Storage:
         changes made by other processes too; drivers mounted after ``watch()`` report
         only changes made through this storage until the next ``watch()`` call.
         """
+        if not callable(callback):
+            raise TypeError(f"callback must be callable, not {type(callback).__name__}")
         state = self._state
         entry = (callback, self._prefix)
         state.watchers.append(entry)

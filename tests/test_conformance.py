@@ -8,6 +8,7 @@ contract together.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -17,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 
 from kvstorage import (
     ConditionFailedError,
+    DriverError,
     InvalidKeyError,
     SerializationError,
     Storage,
@@ -342,6 +344,81 @@ async def test_bad_ttl_is_rejected(storage: Storage, ttl: Any) -> None:
     with pytest.raises(ValueError):
         await storage.set_item("k", 1, ttl=ttl)
     assert not await storage.has_item("k")
+
+
+#: One bad call per method: (id, call, the error it must raise). ``ttl=0`` on ``touch`` once
+#: came back as a DriverError from every driver; each method gets its own case.
+BAD_CALLS: list[tuple[str, Callable[[Storage], Awaitable[Any]], type[Exception]]] = [
+    ("has_item-key", lambda s: s.has_item(""), InvalidKeyError),
+    ("get_item-key", lambda s: s.get_item("a:..:b"), InvalidKeyError),
+    ("get_item_raw-type", lambda s: s.get_item_raw(42), InvalidKeyError),  # type: ignore[arg-type]
+    ("set_item-ttl", lambda s: s.set_item("k", 2, ttl=0), ValueError),
+    ("set_item-ttl-type", lambda s: s.set_item("k", 2, ttl="5"), TypeError),  # type: ignore[arg-type]
+    ("set_item-both", lambda s: s.set_item("k", 2, if_absent=True, if_match="x"), ValueError),
+    ("set_item-if_match", lambda s: s.set_item("k", 2, if_match=5), TypeError),  # type: ignore[arg-type]
+    ("set_item-if_absent", lambda s: s.set_item("k", 2, if_absent="yes"), TypeError),  # type: ignore[arg-type]
+    ("set_item_raw-ttl", lambda s: s.set_item_raw("k", b"2", ttl=-1), ValueError),
+    ("set_item_raw-data", lambda s: s.set_item_raw("k", "2"), TypeError),  # type: ignore[arg-type]
+    ("remove_item-key", lambda s: s.remove_item("a\x00"), InvalidKeyError),
+    ("get_meta-key", lambda s: s.get_meta("."), InvalidKeyError),
+    ("get_entry-key", lambda s: s.get_entry(""), InvalidKeyError),
+    ("get_entry_raw-key", lambda s: s.get_entry_raw(""), InvalidKeyError),
+    ("update_item-ttl", lambda s: s.update_item("k", lambda v: 3, ttl=0), ValueError),
+    ("update_item-fn", lambda s: s.update_item("k", 3), TypeError),  # type: ignore[arg-type]
+    ("update_item-retries", lambda s: s.update_item("k", lambda v: 3, retries=-1), ValueError),
+    ("touch-ttl", lambda s: s.touch("k", ttl=0), ValueError),
+    ("touch-ttl-nan", lambda s: s.touch("k", ttl=float("nan")), ValueError),
+    ("get_items-str", lambda s: s.get_items("k"), TypeError),
+    ("get_items-key", lambda s: s.get_items(["k", ""]), InvalidKeyError),
+    ("set_items-ttl", lambda s: s.set_items({"k": 3}, ttl=0), ValueError),
+    ("set_items-pairs", lambda s: s.set_items([("k", 3, 4)]), TypeError),  # type: ignore[list-item]
+    ("set_items-key", lambda s: s.set_items({"j": 3, "..": 4}), InvalidKeyError),
+    ("remove_items-str", lambda s: s.remove_items("k"), TypeError),
+    ("remove_items-key", lambda s: s.remove_items(["k", "\x01"]), InvalidKeyError),
+    ("get_keys-depth", lambda s: s.get_keys("", max_depth=-1), ValueError),
+    ("get_keys-depth-type", lambda s: s.get_keys("", max_depth="1"), TypeError),  # type: ignore[arg-type]
+    ("get_keys-base", lambda s: s.get_keys("a:..:b"), InvalidKeyError),
+    ("clear-base", lambda s: s.clear(".."), InvalidKeyError),
+    ("sweep-base", lambda s: s.sweep(7), InvalidKeyError),  # type: ignore[arg-type]
+    ("watch-callback", lambda s: s.watch("print"), TypeError),  # type: ignore[arg-type]
+]
+
+_DRIVER_METHODS = (
+    "get", "set", "remove", "scan", "head", "get_many", "set_many", "remove_many", "clear",
+    "touch", "sweep", "watch",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("call", "error"), [c[1:] for c in BAD_CALLS], ids=[c[0] for c in BAD_CALLS]
+)
+async def test_bad_arguments_fail_before_the_driver(
+    make_driver: DriverFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    call: Callable[[Storage], Awaitable[Any]],
+    error: type[Exception],
+) -> None:
+    driver = make_driver()
+    storage = create_storage(driver)
+    try:
+        await storage.set_item("k", 1)
+        called: list[str] = []
+        for name in _DRIVER_METHODS:
+            method = getattr(driver, name)
+
+            def spy(*args: Any, _name: str = name, _method: Any = method, **kwargs: Any) -> Any:
+                called.append(_name)
+                return _method(*args, **kwargs)
+
+            monkeypatch.setattr(driver, name, spy)
+        with pytest.raises(error) as caught:
+            await call(storage)
+        assert not isinstance(caught.value, DriverError), caught.value
+        assert called == []
+        monkeypatch.undo()
+        assert await storage.get_items(["k", "j"]) == {"k": 1, "j": None}
+    finally:
+        await storage.dispose()
 
 
 # -- metadata and conditions -----------------------------------------------------------
