@@ -36,7 +36,9 @@ Contract, in short:
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
@@ -243,17 +245,25 @@ class Driver(ABC):
 def require_asyncio(driver_name: str) -> None:
     """Raise a clear :class:`DriverError` when called outside asyncio (for drivers whose
     client library runs only on asyncio). Call it where the driver first connects."""
-    import sniffio
-
     try:
-        library = sniffio.current_async_library()
-    except sniffio.AsyncLibraryNotFoundError:
-        library = "no event loop"
-    if library != "asyncio":
+        asyncio.get_running_loop()
+    except RuntimeError:
         raise DriverError(
-            f"the {driver_name} driver runs only on asyncio, not on {library}",
+            f"the {driver_name} driver runs only on asyncio, not on {_running_library()}",
             driver=driver_name,
-        )
+        ) from None
+
+
+def _running_library() -> str:
+    trio = sys.modules.get("trio")  # never imported here: only asked if already in use
+    if trio is not None:
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:
+            pass
+        else:
+            return "trio"
+    return "no event loop"
 
 
 def is_expired(expires_at: float | None, now: float | None = None) -> bool:
