@@ -3,9 +3,11 @@ the schema, URLs, other connections and processes, crashes)."""
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import signal
+import stat
 import sqlite3
 import sys
 from collections.abc import AsyncIterator
@@ -148,6 +150,30 @@ async def test_schema_is_created_versioned_and_in_wal_mode(storage: Storage, db_
     columns = [row[1] for row in query(db_path, "PRAGMA table_info(kv)")]
     assert sorted(columns) == ["expiry", "key", "mtime", "value", "version"]
     assert query(db_path, "PRAGMA journal_mode") == [("wal",)]
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o022])
+async def test_database_files_are_private_whatever_the_umask(db_path: Path, umask: int) -> None:
+    old = os.umask(umask)
+    try:
+        storage = create_storage(SQLiteDriver(db_path))
+        await storage.set_item("k", 1)  # WAL mode: the -wal and -shm files exist now
+        files = [db_path, db_path.with_name("kv.db-wal"), db_path.with_name("kv.db-shm")]
+        assert {path.name: stat.S_IMODE(path.stat().st_mode) for path in files} == {
+            path.name: 0o600 for path in files
+        }
+        await storage.dispose()
+    finally:
+        os.umask(old)
+
+
+async def test_an_existing_database_keeps_its_mode(db_path: Path) -> None:
+    sqlite3.connect(db_path).close()
+    db_path.chmod(0o640)  # the owner chose to share it with a group: not ours to change
+    storage = create_storage(SQLiteDriver(db_path))
+    await storage.set_item("k", 1)
+    await storage.dispose()
+    assert stat.S_IMODE(db_path.stat().st_mode) == 0o640
 
 
 async def test_reopen_keeps_data_etags_and_ttl(db_path: Path) -> None:

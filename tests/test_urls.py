@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from kvstorage.drivers import from_url
 from kvstorage.urls import redact_url
 
 
@@ -28,3 +29,19 @@ from kvstorage.urls import redact_url
 def test_redact_url_hides_every_secret_and_keeps_the_rest(url: str, shown: str) -> None:
     assert redact_url(url) == shown
     assert "hunter2" not in redact_url(url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis//:hunter2@127.0.0.1:6379/0",  # a typo in the scheme
+        "xyz://ada:hunter2@h/db",
+        "s3://bucket/p?aws_secret_access_key=hunter2&bogus=1",
+        "s3://ada:hunter2@/p",
+        "sqlite://ada:hunter2@h/x.db",
+    ],
+)
+def test_bad_urls_never_echo_their_secrets(url: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        from_url(url)
+    assert "hunter2" not in str(caught.value)

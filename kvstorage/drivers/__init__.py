@@ -78,7 +78,8 @@ def from_url(url: str) -> Driver:
     """
     scheme = url.partition("://")[0].lower() if "://" in url else ""
     class_name = _SCHEMES.get(scheme)
-    if class_name is None:
+    if class_name is None:  # the URL itself is not shown: it may hold a password
         known = ", ".join(f"{s}://" for s in _SCHEMES)
-        raise ValueError(f"unknown storage URL {url!r}; known schemes: {known}")
+        given = f"scheme {scheme + '://'!r}" if scheme else "a URL without scheme://"
+        raise ValueError(f"unknown storage URL: {given}; known schemes: {known}")
     return _load(class_name).from_url(url)

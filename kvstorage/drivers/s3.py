@@ -19,6 +19,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from ..driver import Capabilities, Driver, Record, Stat, is_expired, require_asyncio
 from ..errors import ConditionFailedError, DriverError, DriverUnavailableError
 from ..keys import normalize_key
+from ..urls import redact_url
 
 __all__ = ["S3Driver"]
 
@@ -137,16 +138,23 @@ class S3Driver(Driver):
     def from_url(cls, url: str) -> S3Driver:
         """Build from ``s3://bucket/prefix?endpoint_url=...&region=...`` (also
         ``max_concurrency=16`` and ``conditional_writes=false``)."""
+        shown = redact_url(url)
         parts = urlsplit(url)
         query = {name: values[-1] for name, values in parse_qs(parts.query).items()}
         unknown = set(query) - {"endpoint_url", "region", "max_concurrency", "conditional_writes"}
         if unknown:
-            raise ValueError(f"unknown option(s) in S3 URL {url!r}: {', '.join(sorted(unknown))}")
+            names = ", ".join(sorted(unknown))
+            raise ValueError(f"unknown option(s) in S3 URL {shown!r}: {names}")
+        if "@" in parts.netloc:
+            raise ValueError(
+                f"S3 URL {shown!r} holds credentials: give them the usual AWS way "
+                "(environment, config file or role), not in the URL"
+            )
         if not parts.netloc:
-            raise ValueError(f"S3 URL {url!r} names no bucket (s3://bucket/prefix)")
+            raise ValueError(f"S3 URL {shown!r} names no bucket (s3://bucket/prefix)")
         conditional = query.get("conditional_writes", "true").lower()
         if conditional not in ("true", "false", "1", "0"):
-            raise ValueError(f"conditional_writes must be true or false in S3 URL {url!r}")
+            raise ValueError(f"conditional_writes must be true or false in {shown!r}")
         return cls(
             parts.netloc,
             prefix=parts.path,
@@ -157,7 +165,7 @@ class S3Driver(Driver):
         )
 
     def __repr__(self) -> str:
-        where = f", endpoint_url={self.endpoint_url!r}" if self.endpoint_url else ""
+        where = f", endpoint_url={redact_url(self.endpoint_url)!r}" if self.endpoint_url else ""
         return f"S3Driver({self.bucket!r}, prefix={self.prefix!r}{where})"
 
     # -- client and errors --------------------------------------------------------------

@@ -30,6 +30,7 @@ from ..driver import (
     require_asyncio,
 )
 from ..errors import ConditionFailedError, DriverError, DriverUnavailableError
+from ..urls import redact_url
 
 __all__ = ["SQLiteDriver"]
 
@@ -135,9 +136,10 @@ class SQLiteDriver(Driver):
         ``sqlite:////absolute/path.db`` or ``sqlite://:memory:``, with optional query
         parameters ``table``, ``synchronous`` and ``busy_timeout``
         (``sqlite:///app.db?table=cache``)."""
+        shown = redact_url(url)
         scheme, sep, rest = url.partition("://")
         if scheme.lower() != "sqlite" or not sep:
-            raise ValueError(f"not a sqlite:// URL: {url!r}")
+            raise ValueError(f"not a sqlite:// URL: {shown!r}")
         rest, _, query = rest.partition("?")
         if rest in ("", ":memory:", "/:memory:"):
             path = ":memory:"
@@ -145,7 +147,7 @@ class SQLiteDriver(Driver):
             path = unquote(rest[1:])
         else:
             raise ValueError(
-                f"bad sqlite URL {url!r}: use sqlite:///relative.db, sqlite:////abs/path.db "
+                f"bad sqlite URL {shown!r}: use sqlite:///relative.db, sqlite:////abs/path.db "
                 "or sqlite://:memory:"
             )
         options: dict[str, Any] = {k: v[-1] for k, v in parse_qs(query).items()}
@@ -464,6 +466,12 @@ def _daemonic(connection: aiosqlite.Connection) -> aiosqlite.Connection:
 
 
 def _probe(path: str) -> None:
+    """Create the database file private to its owner (``0600``; SQLite gives its ``-wal``
+    and ``-shm`` files the same mode) unless it exists, then check that it opens."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    # It may exist already, or its directory may not: sqlite3 reports that in its words.
+    with contextlib.suppress(OSError):
+        os.close(os.open(path, flags, 0o600))
     sqlite3.connect(path).close()
 
 
