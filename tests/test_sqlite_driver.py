@@ -7,8 +7,8 @@ import os
 import random
 import re
 import signal
-import stat
 import sqlite3
+import stat
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -159,7 +159,7 @@ async def test_database_files_are_private_whatever_the_umask(db_path: Path, umas
         storage = create_storage(SQLiteDriver(db_path))
         await storage.set_item("k", 1)  # WAL mode: the -wal and -shm files exist now
         files = [db_path, db_path.with_name("kv.db-wal"), db_path.with_name("kv.db-shm")]
-        assert {path.name: stat.S_IMODE(path.stat().st_mode) for path in files} == {
+        assert {path.name: stat.S_IMODE(os.stat(path).st_mode) for path in files} == {
             path.name: 0o600 for path in files
         }
         await storage.dispose()
@@ -169,11 +169,11 @@ async def test_database_files_are_private_whatever_the_umask(db_path: Path, umas
 
 async def test_an_existing_database_keeps_its_mode(db_path: Path) -> None:
     sqlite3.connect(db_path).close()
-    db_path.chmod(0o640)  # the owner chose to share it with a group: not ours to change
+    os.chmod(db_path, 0o640)  # the owner chose to share it with a group: not ours to change
     storage = create_storage(SQLiteDriver(db_path))
     await storage.set_item("k", 1)
     await storage.dispose()
-    assert stat.S_IMODE(db_path.stat().st_mode) == 0o640
+    assert stat.S_IMODE(os.stat(db_path).st_mode) == 0o640
 
 
 async def test_reopen_keeps_data_etags_and_ttl(db_path: Path) -> None:
