@@ -1,4 +1,4 @@
-"""Key normalization and validation (DESIGN.md section 2), including property tests."""
+"""Key normalization and validation, including property tests."""
 
 from __future__ import annotations
 

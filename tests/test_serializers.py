@@ -1,4 +1,4 @@
-"""The json and tagged serializers (DESIGN.md section 3)."""
+"""The json and tagged serializers: exact round trips and clear errors."""
 
 from __future__ import annotations
 

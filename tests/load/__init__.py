@@ -1,1 +1,1 @@
-"""A minimal session app and an HTTP load generator for the load test (issue 7)."""
+"""A minimal session app and an HTTP load generator for the load test."""
