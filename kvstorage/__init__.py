@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from .driver import Capabilities, Driver, Record, Stat
+from .drivers.base import Capabilities, Driver, Record, Stat
 from .errors import (
     ConditionFailedError,
     DriverError,
@@ -19,8 +19,8 @@ from .errors import (
 )
 from .keys import join_keys, normalize_base, normalize_key
 from .serializers import JSONSerializer, Serializer, TaggedSerializer, get_serializer
-from .snapshot import prefix_storage, restore_snapshot, snapshot
-from .storage import Entry, Meta, Mount, Storage, WatchCallback, create_storage
+from .snapshot import restore_snapshot, snapshot
+from .storage import Entry, Meta, Mount, Storage, WatchCallback, create_storage, prefix_storage
 
 __all__ = [
     "Capabilities",

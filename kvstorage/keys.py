@@ -5,6 +5,10 @@ runs of separators collapse; leading and trailing separators are dropped. ``?`` 
 ordinary character. Rejected with :class:`~kvstorage.errors.InvalidKeyError`: a ``.`` or
 ``..`` segment, control characters, more than 1024 UTF-8 bytes, and (for item operations)
 an empty key.
+
+Bases match by whole segments: base ``a`` covers ``a:b`` but neither ``a`` nor ``ab``
+(:func:`base_covers`, :func:`depth_below`, :func:`key_range`, for the core and for drivers
+that list by range).
 """
 
 from __future__ import annotations
@@ -14,7 +18,15 @@ import re
 
 from .errors import InvalidKeyError
 
-__all__ = ["MAX_KEY_BYTES", "join_keys", "normalize_base", "normalize_key"]
+__all__ = [
+    "MAX_KEY_BYTES",
+    "base_covers",
+    "depth_below",
+    "join_keys",
+    "key_range",
+    "normalize_base",
+    "normalize_key",
+]
 
 MAX_KEY_BYTES = 1024
 
@@ -62,3 +74,20 @@ def normalize_key(key: str) -> str:
 def join_keys(*parts: str) -> str:
     """Join keys or bases into one normalized base (empty parts are skipped)."""
     return normalize_base(":".join(part for part in parts if part))
+
+
+def base_covers(base: str, key: str) -> bool:
+    """True when ``key`` lies strictly under ``base`` by whole segments (``""`` covers all)."""
+    return not base or (key.startswith(base) and key[len(base) : len(base) + 1] == ":")
+
+
+def depth_below(base: str, key: str) -> int:
+    """The number of separators in ``key`` below ``base`` (``0`` for a direct child)."""
+    return key.count(":", len(base) + 1 if base else 0)
+
+
+def key_range(base: str) -> tuple[str, str]:
+    """The half-open string range ``[low, high)`` holding exactly the keys under ``base``
+    (``"a"`` -> ``("a:", "a;")``; ``;`` is the character after ``:``). For sorted backends
+    (SQL indexes, sorted sets) that list by range instead of by pattern."""
+    return base + ":", base + ";"

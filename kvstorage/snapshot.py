@@ -1,28 +1,15 @@
-"""Views and bulk copies of a storage: `prefix_storage`, `snapshot`, `restore_snapshot`."""
+"""Bulk copies of a storage: `snapshot` and `restore_snapshot`."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
-from .keys import normalize_base
-from .storage import Storage
+from .storage import Storage, prefix_storage
 
-__all__ = ["prefix_storage", "restore_snapshot", "snapshot"]
+__all__ = ["restore_snapshot", "snapshot"]
 
 _BATCH = 500
-
-
-def prefix_storage(storage: Storage, base: str) -> Storage:
-    """Return a view of ``storage`` where every key is relative to ``base``.
-
-    The view shares mounts, drivers and watchers with ``storage``: listing strips
-    ``base``, ``clear()`` clears only under it, ``watch()`` sees only its keys. It is a
-    convenience, not a security boundary.
-    """
-    if not normalize_base(base):
-        return storage
-    return storage._view(storage._full_base(base))
 
 
 async def snapshot(storage: Storage, base: str = "") -> dict[str, Any]:

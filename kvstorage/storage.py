@@ -11,7 +11,7 @@ import inspect
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -21,7 +21,10 @@ from typing import Any, Literal, NoReturn, Self, TypeAlias
 import anyio
 import anyio.abc
 
-from .driver import Driver, Record, Stat, base_covers, check_condition, depth_below, is_expired
+from ._mounts import Mount, MountPoint, MountTable, Slice
+from .drivers import from_url
+from .drivers.base import Driver, Record, Stat, check_condition, is_expired
+from .drivers.memory import MemoryDriver
 from .errors import (
     ConditionFailedError,
     DriverError,
@@ -29,11 +32,11 @@ from .errors import (
     ReadOnlyError,
     SerializationError,
 )
-from .keys import join_keys, normalize_base, normalize_key
+from .keys import base_covers, depth_below, join_keys, normalize_base, normalize_key
 from .retry import backoff
 from .serializers import Serializer, get_serializer
 
-__all__ = ["Entry", "Meta", "Mount", "Storage", "WatchCallback", "create_storage"]
+__all__ = ["Entry", "Meta", "Mount", "Storage", "WatchCallback", "create_storage", "prefix_storage"]
 
 logger = logging.getLogger("kvstorage")
 
@@ -69,55 +72,15 @@ class Entry:
     meta: Meta
 
 
-@dataclass(frozen=True, slots=True)
-class Mount:
-    """A driver mounted at ``base`` (``""`` is the root)."""
-
-    base: str
-    driver: Driver
-    serializer: Serializer
-
-
 @dataclass(eq=False, slots=True)
-class _Mount:
-    base: str
-    prefix: str  # base + ":" ("" for the root): what full keys of this mount start with
-    driver: Driver
-    serializer: Serializer
-    stop_watch: Callable[[], Awaitable[None]] | None = None
-    lock: anyio.Lock | None = None  # for conditions on drivers that cannot do them
-
-    @property
-    def emits(self) -> bool:
-        """True when the core must report this mount's writes (no native watch running)."""
-        return self.stop_watch is None
-
-    def public(self) -> Mount:
-        return Mount(self.base, self.driver, self.serializer)
-
-
-@dataclass(eq=False, slots=True)
-class _State:
+class _Shared:
     """What a storage and its `prefix_storage` views share."""
 
     serializer: Serializer
-    mounts: dict[str, _Mount] = field(default_factory=dict)
-    routes: list[_Mount] = field(default_factory=list)  # longest base first, root last
+    mounts: MountTable = field(default_factory=MountTable)
     watchers: list[tuple[WatchCallback, str]] = field(default_factory=list)
     sweep_interval: float | None = None
     task_group: anyio.abc.TaskGroup | None = None
-
-    def add(self, mount: _Mount) -> None:
-        self.mounts[mount.base] = mount
-        self.routes = sorted(self.mounts.values(), key=lambda m: len(m.base), reverse=True)
-
-    def route(self, path: str) -> _Mount:
-        """The mount whose prefix ``path`` starts with, longest first (the root matches
-        everything)."""
-        for mount in self.routes:
-            if path.startswith(mount.prefix):
-                return mount
-        raise AssertionError("the root mount always matches")  # pragma: no cover
 
     def emit(self, event: Literal["update", "remove"], full_key: str) -> None:
         for callback, prefix in list(self.watchers):
@@ -128,7 +91,7 @@ class _State:
                     logger.exception("watch callback %r failed", callback)
 
 
-def _fail(mount: _Mount, exc: Exception) -> NoReturn:
+def _raise_driver_error(mount: MountPoint, exc: Exception) -> NoReturn:
     """Re-raise a driver exception: ours as they are, anything else as DriverError."""
     if isinstance(exc, KVStorageError):
         raise exc
@@ -209,6 +172,20 @@ def _as_bytes(data: Any) -> bytes:
     raise SerializationError(f"raw values must be bytes, not {type(data).__name__}")
 
 
+async def _scan_visible(part: Slice, max_depth: int | None) -> AsyncGenerator[str, None]:
+    """The driver keys of ``part`` that a listing shows: not hidden by a nested mount and,
+    when the driver does not honour ``max_depth`` itself, not deeper than it."""
+    driver = part.mount.driver
+    filter_depth = max_depth is not None and not driver.capabilities.max_depth
+    async with aclosing(driver.scan(part.driver_base, max_depth=max_depth)) as keys:
+        async for rel in keys:
+            if not part.shows(rel):
+                continue
+            if filter_depth and depth_below(part.driver_base, rel) > max_depth:  # type: ignore[operator]
+                continue
+            yield rel
+
+
 class Storage:
     """An async key-value store routing each key to the driver mounted at its longest
     matching base. Create one with :func:`create_storage`; close it with
@@ -218,7 +195,7 @@ class Storage:
     mount's serializer (``json`` unless given).
     """
 
-    _state: _State
+    _shared: _Shared
     _base: str  # the prefix_storage base of this view ("" for the storage itself)
     _prefix: str  # _base + ":" or ""
 
@@ -234,19 +211,12 @@ class Storage:
         ``sweep_interval`` (seconds) runs :meth:`sweep` in the background while the storage
         is open as ``async with storage:``, for drivers that do not expire keys natively.
         """
-        self._state = _State(get_serializer(serializer), sweep_interval=sweep_interval)
+        self._shared = _Shared(get_serializer(serializer), sweep_interval=sweep_interval)
         self._base = self._prefix = ""
-        self.mount("", driver if driver is not None else _memory_driver())
-
-    def _view(self, base: str) -> Storage:
-        view = object.__new__(Storage)
-        view._state = self._state
-        view._base = base
-        view._prefix = base + ":" if base else ""
-        return view
+        self.mount("", driver if driver is not None else MemoryDriver())
 
     def __repr__(self) -> str:
-        mounts = ", ".join(f"{m.base or '/'}={m.driver!r}" for m in self._state.routes)
+        mounts = ", ".join(f"{m.base or '/'}={m.driver!r}" for m in self._shared.mounts.routes)
         base = f" base={self._base!r}" if self._base else ""
         return f"<Storage{base} {mounts}>"
 
@@ -256,36 +226,15 @@ class Storage:
         """``base`` normalized and below this view's own base."""
         return join_keys(self._base, normalize_base(base))
 
-    def _locate(self, key: str) -> tuple[str, _Mount, str]:
+    def _locate(self, key: str) -> tuple[str, MountPoint, str]:
         """(normalized key as the caller sees it, mount, driver-relative key)."""
         nk = normalize_key(key)
-        full = self._prefix + nk if self._prefix else nk
-        routes = self._state.routes
-        if len(routes) == 1:  # no mounts: the root takes every key
-            return nk, routes[0], full
-        mount = self._state.route(full)
-        return nk, mount, full[len(mount.prefix) :]
+        mount, rel = self._shared.mounts.locate(self._prefix + nk if self._prefix else nk)
+        return nk, mount, rel
 
-    def _plan(self, base: str) -> list[tuple[_Mount, str, tuple[str, ...], int]]:
-        """The mounts holding keys under ``base``: (mount, driver base, masked driver
-        prefixes, depth of the mount's keys below ``base``)."""
-        full = self._full_base(base)
-        first = self._state.route(full + ":")
-        plan = [(first, full[len(first.prefix) :], 0)]
-        for mount in reversed(self._state.routes):
-            if mount.base and base_covers(full, mount.base) and mount is not plan[0][0]:
-                plan.append((mount, "", depth_below(full, mount.base) + 1))
-        result = []
-        for mount, driver_base, offset in plan:
-            masks = tuple(
-                other.prefix[len(mount.prefix) :]
-                for other in self._state.routes
-                if other is not mount
-                and base_covers(mount.base, other.base)
-                and base_covers(driver_base, other.base[len(mount.prefix) :])
-            )
-            result.append((mount, driver_base, masks, offset))
-        return result
+    def _slices(self, base: str) -> list[Slice]:
+        """What to scan for the keys under ``base`` (see :meth:`MountTable.slices`)."""
+        return self._shared.mounts.slices(self._full_base(base))
 
     # -- single items -------------------------------------------------------------------
 
@@ -300,7 +249,7 @@ class Storage:
         try:
             record = await mount.driver.get(rel)
         except Exception as exc:
-            _fail(mount, exc)
+            _raise_driver_error(mount, exc)
         if record is None or (record.expires_at is not None and record.expires_at <= time.time()):
             return default
         return mount.serializer.loads(record.value)
@@ -360,9 +309,9 @@ class Storage:
         try:
             removed = await mount.driver.remove(rel)
         except Exception as exc:
-            _fail(mount, exc)
-        if removed and self._state.watchers and mount.emits:
-            self._state.emit("remove", self._prefix + nk)
+            _raise_driver_error(mount, exc)
+        if removed and self._shared.watchers and mount.emits:
+            self._shared.emit("remove", self._prefix + nk)
         return removed
 
     async def get_meta(self, key: str) -> Meta | None:
@@ -443,28 +392,28 @@ class Storage:
         try:
             return await mount.driver.touch(rel, expires_at=expires_at)
         except Exception as exc:
-            _fail(mount, exc)
+            _raise_driver_error(mount, exc)
 
-    async def _get_stat(self, mount: _Mount, rel: str) -> Stat | None:
+    async def _get_stat(self, mount: MountPoint, rel: str) -> Stat | None:
         """The driver's ``head`` of ``rel``; None when missing or expired."""
         try:
             stat = await mount.driver.head(rel)
         except Exception as exc:
-            _fail(mount, exc)
+            _raise_driver_error(mount, exc)
         if stat is None or is_expired(stat.expires_at):
             return None
         return stat
 
-    async def _get_record(self, mount: _Mount, rel: str) -> Record | None:
+    async def _get_record(self, mount: MountPoint, rel: str) -> Record | None:
         try:
             record = await mount.driver.get(rel)
         except Exception as exc:
-            _fail(mount, exc)
+            _raise_driver_error(mount, exc)
         if record is None or is_expired(record.expires_at):
             return None
         return record
 
-    def _check_writable(self, mount: _Mount) -> None:
+    def _check_writable(self, mount: MountPoint) -> None:
         if mount.driver.read_only:
             where = f"mount {mount.base!r}" if mount.base else "the root mount"
             raise ReadOnlyError(f"{mount.driver.name} driver at {where} is read-only")
@@ -472,7 +421,7 @@ class Storage:
     async def _write(
         self,
         nk: str,
-        mount: _Mount,
+        mount: MountPoint,
         rel: str,
         data: bytes,
         expires_at: float | None,
@@ -483,18 +432,27 @@ class Storage:
         driver = mount.driver
         try:
             if (if_absent or if_match is not None) and not driver.capabilities.conditions:
-                await self._emulated_conditional_set(mount, rel, data, expires_at, if_match)
+                await self._emulated_conditional_set(
+                    mount, rel, data, expires_at, if_absent=if_absent, if_match=if_match
+                )
             else:
                 await driver.set(
                     rel, data, expires_at=expires_at, if_absent=if_absent, if_match=if_match
                 )
         except Exception as exc:
-            _fail(mount, exc)
-        if self._state.watchers and mount.emits:
-            self._state.emit("update", self._prefix + nk)
+            _raise_driver_error(mount, exc)
+        if self._shared.watchers and mount.emits:
+            self._shared.emit("update", self._prefix + nk)
 
     async def _emulated_conditional_set(
-        self, mount: _Mount, rel: str, data: bytes, expires_at: float | None, etag: str | None
+        self,
+        mount: MountPoint,
+        rel: str,
+        data: bytes,
+        expires_at: float | None,
+        *,
+        if_absent: bool,
+        if_match: str | None,
     ) -> None:
         """Check-then-set under a per-mount lock: atomic within this process only."""
         if mount.lock is None:
@@ -502,44 +460,22 @@ class Storage:
         async with mount.lock:
             current = await self._get_record(mount, rel)
             stored = None if current is None else current.etag
-            check_condition(rel, stored, if_absent=etag is None, if_match=etag)
+            check_condition(rel, stored, if_absent=if_absent, if_match=if_match)
             await mount.driver.set(rel, data, expires_at=expires_at)
 
     # -- batches ------------------------------------------------------------------------
 
-    def _group(
-        self, keys: Iterable[str]
-    ) -> tuple[list[str], dict[_Mount, tuple[list[str], list[str]]]]:
-        """Locate every key once: (normalized keys in input order, {mount: (normalized
-        keys, driver keys)} in input order within each mount)."""
-        routes = self._state.routes
-        if len(routes) == 1:  # no mounts: one group, no routing
-            nks = [normalize_key(key) for key in keys]
-            prefix = self._prefix
-            return nks, {routes[0]: (nks, [prefix + nk for nk in nks] if prefix else nks)}
-        order: list[str] = []
-        groups: dict[_Mount, tuple[list[str], list[str]]] = {}
-        for key in keys:
-            nk, mount, rel = self._locate(key)
-            order.append(nk)
-            group = groups.get(mount)
-            if group is None:
-                group = groups[mount] = ([], [])
-            group[0].append(nk)
-            group[1].append(rel)
-        return order, groups
-
     async def get_items(self, keys: Iterable[str]) -> dict[str, Any]:
         """Return ``{normalized key: value or None}`` in input order, one driver batch per
         mount."""
-        order, groups = self._group(_key_list(keys))
+        order = [normalize_key(key) for key in _key_list(keys)]
         result: dict[str, Any] = dict.fromkeys(order)
-        for mount, (nks, rels) in groups.items():
+        for mount, (nks, rels) in self._shared.mounts.group(order, self._prefix).items():
             loads = mount.serializer.loads
             try:
                 records = await mount.driver.get_many(rels)
             except Exception as exc:
-                _fail(mount, exc)
+                _raise_driver_error(mount, exc)
             now = time.time()
             for nk, record in zip(nks, records, strict=True):
                 if record is not None and (record.expires_at is None or record.expires_at > now):
@@ -556,7 +492,7 @@ class Storage:
         every key checked) before anything is written."""
         pairs = _pairs(items)
         expires_at = _expires_at(ttl)
-        groups: dict[_Mount, list[tuple[str, str, bytes]]] = {}
+        groups: dict[MountPoint, list[tuple[str, str, bytes]]] = {}
         for key, value in pairs:
             nk, mount, rel = self._locate(key)
             self._check_writable(mount)
@@ -567,28 +503,29 @@ class Storage:
                     [(rel, data) for _, rel, data in batch], expires_at=expires_at
                 )
             except Exception as exc:
-                _fail(mount, exc)
-            if self._state.watchers and mount.emits:
+                _raise_driver_error(mount, exc)
+            if self._shared.watchers and mount.emits:
                 for nk, _, _ in batch:
-                    self._state.emit("update", self._prefix + nk)
+                    self._shared.emit("update", self._prefix + nk)
 
     async def remove_items(self, keys: Iterable[str]) -> int:
         """Delete many keys, one driver batch per mount; return how many existed."""
         removed = 0
-        _, groups = self._group(_key_list(keys))
+        nks = [normalize_key(key) for key in _key_list(keys)]
+        groups = self._shared.mounts.group(nks, self._prefix)
         for mount in groups:
             self._check_writable(mount)
         for mount, (nks, rels) in groups.items():
             try:
-                if self._state.watchers and mount.emits:
+                if self._shared.watchers and mount.emits:
                     for nk, rel in zip(nks, rels, strict=True):  # one by one: exact events
                         if await mount.driver.remove(rel):
                             removed += 1
-                            self._state.emit("remove", self._prefix + nk)
+                            self._shared.emit("remove", self._prefix + nk)
                 else:
                     removed += await mount.driver.remove_many(rels)
             except Exception as exc:
-                _fail(mount, exc)
+                _raise_driver_error(mount, exc)
         return removed
 
     # -- listing and clearing -----------------------------------------------------------
@@ -603,21 +540,17 @@ class Storage:
         """
         _check_depth(max_depth)
         strip = len(self._prefix)
-        for mount, driver_base, masks, offset in self._plan(base):
-            depth = None if max_depth is None else max_depth - offset
+        for part in self._slices(base):
+            depth = None if max_depth is None else max_depth - part.depth_offset
             if depth is not None and depth < 0:
                 continue
-            filter_depth = depth is not None and not mount.driver.capabilities.max_depth
+            prefix = part.mount.prefix
             try:
-                async with aclosing(mount.driver.scan(driver_base, max_depth=depth)) as keys:
+                async with aclosing(_scan_visible(part, depth)) as keys:
                     async for rel in keys:
-                        if masks and rel.startswith(masks):
-                            continue
-                        if filter_depth and depth_below(driver_base, rel) > depth:  # type: ignore[operator]
-                            continue
-                        yield (mount.prefix + rel)[strip:]
+                        yield (prefix + rel)[strip:]
             except Exception as exc:
-                _fail(mount, exc)
+                _raise_driver_error(part.mount, exc)
 
     async def get_keys(self, base: str = "", *, max_depth: int | None = None) -> list[str]:
         """Return the keys :meth:`iter_keys` yields, as a list."""
@@ -626,40 +559,39 @@ class Storage:
     async def clear(self, base: str = "") -> None:
         """Remove exactly the keys that :meth:`get_keys` lists under ``base``, on every
         mount involved (also below a base that is not a mount)."""
-        plan = self._plan(base)
-        for mount, *_ in plan:
-            self._check_writable(mount)
-        for mount, driver_base, masks, _ in plan:
-            emit = bool(self._state.watchers) and mount.emits
+        parts = self._slices(base)
+        for part in parts:
+            self._check_writable(part.mount)
+        for part in parts:
+            mount = part.mount
+            emit = bool(self._shared.watchers) and mount.emits
             try:
-                if not masks and not emit:
-                    await mount.driver.clear(driver_base)
+                if not part.masked and not emit:
+                    await mount.driver.clear(part.driver_base)
                     continue
-                batch: list[str] = []
-                async with aclosing(mount.driver.scan(driver_base)) as keys:
-                    async for rel in keys:
-                        if not (masks and rel.startswith(masks)):
-                            batch.append(rel)
+                # Listed in full before removing: a driver's scan need not survive removals.
+                async with aclosing(_scan_visible(part, None)) as keys:
+                    batch = [rel async for rel in keys]
                 for start in range(0, len(batch), _BATCH):
                     chunk = batch[start : start + _BATCH]
                     await mount.driver.remove_many(chunk)
                     if emit:
                         for rel in chunk:
-                            self._state.emit("remove", mount.prefix + rel)
+                            self._shared.emit("remove", mount.prefix + rel)
             except Exception as exc:
-                _fail(mount, exc)
+                _raise_driver_error(mount, exc)
 
     async def sweep(self, base: str = "") -> int:
         """Delete expired items under ``base`` on drivers that do not expire natively;
         return how many were deleted."""
         swept = 0
-        for mount, driver_base, _, _ in self._plan(base):
+        for mount, driver_base, _, _ in self._slices(base):
             if mount.driver.capabilities.ttl or mount.driver.read_only:
                 continue
             try:
                 swept += await mount.driver.sweep(driver_base)
             except Exception as exc:
-                _fail(mount, exc)
+                _raise_driver_error(mount, exc)
         return swept
 
     # -- mounts -------------------------------------------------------------------------
@@ -673,16 +605,14 @@ class Storage:
         is already mounted raises ``ValueError``.
         """
         full = self._full_base(base)
-        if full in self._state.mounts:
+        if full in self._shared.mounts:
             raise ValueError(f"a driver is already mounted at {full!r}; unmount it first")
         if isinstance(driver, str):
-            from .drivers import from_url
-
             driver = from_url(driver)
         if not isinstance(driver, Driver):
             raise TypeError(f"expected a Driver or a URL, got {type(driver).__name__}")
-        chosen = self._state.serializer if serializer is None else get_serializer(serializer)
-        self._state.add(_Mount(full, full + ":" if full else "", driver, chosen))
+        chosen = self._shared.serializer if serializer is None else get_serializer(serializer)
+        self._shared.mounts.add(MountPoint(full, full + ":" if full else "", driver, chosen))
         return self
 
     async def unmount(self, base: str, *, dispose: bool = True) -> None:
@@ -690,11 +620,9 @@ class Storage:
         full = self._full_base(base)
         if not full:
             raise ValueError("the root mount cannot be unmounted")
-        mount = self._state.mounts.get(full)
-        if mount is None:
+        if full not in self._shared.mounts:
             raise ValueError(f"nothing is mounted at {full!r}")
-        del self._state.mounts[full]
-        self._state.routes = [m for m in self._state.routes if m is not mount]
+        mount = self._shared.mounts.remove(full)
         if mount.stop_watch is not None:
             await mount.stop_watch()
             mount.stop_watch = None
@@ -703,7 +631,7 @@ class Storage:
 
     def get_mount(self, base: str = "") -> Mount:
         """The mount responsible for keys under ``base``."""
-        return self._state.route(self._full_base(base) + ":").public()
+        return self._shared.mounts.mount_for_base(self._full_base(base)).public()
 
     def get_mounts(self, base: str = "", *, parents: bool = False) -> list[Mount]:
         """Mounts at or under ``base`` (and, with ``parents``, those above it), longest
@@ -712,7 +640,7 @@ class Storage:
         probe = full + ":"
         return [
             mount.public()
-            for mount in self._state.routes
+            for mount in self._shared.mounts.routes
             if mount.base == full
             or base_covers(full, mount.base)
             or (parents and probe.startswith(mount.prefix))
@@ -732,34 +660,34 @@ class Storage:
         """
         if not callable(callback):
             raise TypeError(f"callback must be callable, not {type(callback).__name__}")
-        state = self._state
+        shared = self._shared
         entry = (callback, self._prefix)
-        state.watchers.append(entry)
-        for mount in state.routes:
+        shared.watchers.append(entry)
+        for mount in shared.mounts.routes:
             if mount.driver.capabilities.watch and mount.stop_watch is None:
 
                 def forward(
-                    event: Literal["update", "remove"], rel: str, m: _Mount = mount
+                    event: Literal["update", "remove"], rel: str, m: MountPoint = mount
                 ) -> None:
-                    state.emit(event, m.prefix + rel)
+                    shared.emit(event, m.prefix + rel)
 
                 mount.stop_watch = await mount.driver.watch(forward)
 
         async def unwatch() -> None:
-            if entry in state.watchers:
-                state.watchers.remove(entry)
-            if not state.watchers:
+            if entry in shared.watchers:
+                shared.watchers.remove(entry)
+            if not shared.watchers:
                 await self._stop_watchers()
 
         return unwatch
 
     async def unwatch(self) -> None:
         """Remove every watch callback and stop the drivers' watchers."""
-        self._state.watchers.clear()
+        self._shared.watchers.clear()
         await self._stop_watchers()
 
     async def _stop_watchers(self) -> None:
-        for mount in self._state.routes:
+        for mount in self._shared.mounts.routes:
             if mount.stop_watch is not None:
                 stop, mount.stop_watch = mount.stop_watch, None
                 await stop()
@@ -770,18 +698,18 @@ class Storage:
         """Stop watchers and the sweeper, and close every driver (views share them)."""
         await self.unwatch()
         seen: set[int] = set()
-        for mount in self._state.routes:
+        for mount in self._shared.mounts.routes:
             if id(mount.driver) not in seen:
                 seen.add(id(mount.driver))
                 await mount.driver.dispose()
 
     async def __aenter__(self) -> Self:
-        interval = self._state.sweep_interval
-        if interval is not None and self._state.task_group is None:
+        interval = self._shared.sweep_interval
+        if interval is not None and self._shared.task_group is None:
             group = anyio.create_task_group()
             await group.__aenter__()
             group.start_soon(self._sweep_forever, interval)
-            self._state.task_group = group
+            self._shared.task_group = group
         return self
 
     async def __aexit__(
@@ -790,7 +718,7 @@ class Storage:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        group, self._state.task_group = self._state.task_group, None
+        group, self._shared.task_group = self._shared.task_group, None
         if group is not None:
             group.cancel_scope.cancel()
             await group.__aexit__(None, None, None)
@@ -808,12 +736,6 @@ class Storage:
                     logger.debug("swept %d expired items", swept)
 
 
-def _memory_driver() -> Driver:
-    from .drivers.memory import MemoryDriver
-
-    return MemoryDriver()
-
-
 def create_storage(
     driver: Driver | str | None = None,
     *,
@@ -823,3 +745,20 @@ def create_storage(
     """Create a :class:`Storage` with ``driver`` (a driver or a URL such as
     ``"sqlite:///app.db"``; default: memory) mounted at the root."""
     return Storage(driver, serializer=serializer, sweep_interval=sweep_interval)
+
+
+def prefix_storage(storage: Storage, base: str) -> Storage:
+    """Return a view of ``storage`` where every key is relative to ``base``.
+
+    The view shares mounts, drivers and watchers with ``storage``: listing strips
+    ``base``, ``clear()`` clears only under it, ``watch()`` sees only its keys. It is a
+    convenience, not a security boundary.
+    """
+    full = storage._full_base(base)
+    if full == storage._base:
+        return storage
+    view = object.__new__(Storage)
+    view._shared = storage._shared
+    view._base = full
+    view._prefix = full + ":"
+    return view

@@ -20,8 +20,8 @@ from kvstorage import (
     Storage,
     create_storage,
 )
-from kvstorage.driver import require_asyncio
 from kvstorage.drivers import MemoryDriver, from_url
+from kvstorage.drivers.base import require_asyncio
 
 from .helpers import eventually
 

@@ -20,53 +20,54 @@ class              URL                       extra
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ..driver import Driver
+from .base import Driver
 
-if TYPE_CHECKING:
-    from .fs import FSDriver
-    from .memory import MemoryDriver
-    from .redis import RedisDriver
-    from .s3 import S3Driver
-    from .sqlite import SQLiteDriver
-
-__all__ = ["FSDriver", "MemoryDriver", "RedisDriver", "S3Driver", "SQLiteDriver", "from_url"]
-
-# class name -> (module, extra that installs its client library)
-_CLASSES: dict[str, tuple[str, str]] = {
-    "MemoryDriver": ("memory", ""),
-    "FSDriver": ("fs", "fs"),
-    "SQLiteDriver": ("sqlite", "sqlite"),
-    "RedisDriver": ("redis", "redis"),
-    "S3Driver": ("s3", "s3"),
-}
-_SCHEMES: dict[str, str] = {
-    "memory": "MemoryDriver",
-    "file": "FSDriver",
-    "sqlite": "SQLiteDriver",
-    "redis": "RedisDriver",
-    "rediss": "RedisDriver",
-    "redis+cluster": "RedisDriver",
-    "s3": "S3Driver",
-}
+if TYPE_CHECKING:  # for type checkers only: at run time each class loads on first use
+    from .fs import FSDriver as FSDriver
+    from .memory import MemoryDriver as MemoryDriver
+    from .redis import RedisDriver as RedisDriver
+    from .s3 import S3Driver as S3Driver
+    from .sqlite import SQLiteDriver as SQLiteDriver
 
 
-def _load(class_name: str) -> type[Driver]:
-    module_name, extra = _CLASSES[class_name]
+class _Registered(NamedTuple):
+    class_name: str
+    module: str  # in this package
+    extra: str  # the pip extra that installs its client library ("" for none)
+    schemes: tuple[str, ...]  # URL schemes from_url() hands to it
+
+
+#: Every built-in driver: adding one is one module and one row here.
+_REGISTRY = (
+    _Registered("MemoryDriver", "memory", "", ("memory",)),
+    _Registered("FSDriver", "fs", "fs", ("file",)),
+    _Registered("SQLiteDriver", "sqlite", "sqlite", ("sqlite",)),
+    _Registered("RedisDriver", "redis", "redis", ("redis", "rediss", "redis+cluster")),
+    _Registered("S3Driver", "s3", "s3", ("s3",)),
+)
+_BY_CLASS = {entry.class_name: entry for entry in _REGISTRY}
+_BY_SCHEME = {scheme: entry for entry in _REGISTRY for scheme in entry.schemes}
+
+__all__ = [*_BY_CLASS, "Driver", "from_url"]
+
+
+def _load(entry: _Registered) -> type[Driver]:
     try:
-        module = importlib.import_module(f"{__name__}.{module_name}")
+        module = importlib.import_module(f"{__name__}.{entry.module}")
     except ModuleNotFoundError as exc:
         raise ImportError(
-            f"{class_name} needs {exc.name!r}: pip install 'kvstorage[{extra}]'"
+            f"{entry.class_name} needs {exc.name!r}: pip install 'kvstorage[{entry.extra}]'"
         ) from exc
-    driver_class: type[Driver] = getattr(module, class_name)
+    driver_class: type[Driver] = getattr(module, entry.class_name)
     return driver_class
 
 
 def __getattr__(name: str) -> Any:
-    if name in _CLASSES:
-        return _load(name)
+    entry = _BY_CLASS.get(name)
+    if entry is not None:
+        return _load(entry)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -77,9 +78,9 @@ def from_url(url: str) -> Driver:
         ValueError: the scheme is unknown (the message names the known ones).
     """
     scheme = url.partition("://")[0].lower() if "://" in url else ""
-    class_name = _SCHEMES.get(scheme)
-    if class_name is None:  # the URL itself is not shown: it may hold a password
-        known = ", ".join(f"{s}://" for s in _SCHEMES)
+    entry = _BY_SCHEME.get(scheme)
+    if entry is None:  # the URL itself is not shown: it may hold a password
+        known = ", ".join(f"{s}://" for s in _BY_SCHEME)
         given = f"scheme {scheme + '://'!r}" if scheme else "a URL without scheme://"
         raise ValueError(f"unknown storage URL: {given}; known schemes: {known}")
-    return _load(class_name).from_url(url)
+    return _load(entry).from_url(url)

@@ -7,15 +7,8 @@ import itertools
 import time
 from collections.abc import AsyncGenerator, Sequence
 
-from ..driver import (
-    Capabilities,
-    Driver,
-    Record,
-    base_covers,
-    check_condition,
-    is_expired,
-    make_record,
-)
+from ..keys import base_covers
+from .base import Capabilities, Driver, Record, check_condition, is_expired, make_record
 
 __all__ = ["MemoryDriver"]
 

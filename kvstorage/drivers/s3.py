@@ -16,10 +16,10 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 from botocore.exceptions import ClientError, ConnectionClosedError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from ..driver import Capabilities, Driver, Record, Stat, is_expired, require_asyncio
 from ..errors import ConditionFailedError, DriverError, DriverUnavailableError
 from ..keys import normalize_key
 from ..urls import redact_url
+from .base import Capabilities, Driver, Record, Stat, is_expired, require_asyncio
 
 __all__ = ["S3Driver"]
 

@@ -20,17 +20,10 @@ import aiosqlite
 import anyio
 import anyio.to_thread
 
-from ..driver import (
-    Capabilities,
-    Driver,
-    Record,
-    Stat,
-    key_range,
-    make_record,
-    require_asyncio,
-)
 from ..errors import ConditionFailedError, DriverError, DriverUnavailableError
+from ..keys import key_range
 from ..urls import redact_url
+from .base import Capabilities, Driver, Record, Stat, make_record, require_asyncio
 
 __all__ = ["SQLiteDriver"]
 
