@@ -28,6 +28,7 @@ from rich.table import Table
 from kvstorage import Storage, create_storage
 
 from . import targets, unstorage
+from .report import pivot, ratio
 from .servers import moto_server, redis_server
 from .targets import Target
 from .workload import OPERATIONS, Row, best_rounds, run_scaling, run_workload
@@ -164,59 +165,41 @@ async def bench_driver(
 
 
 async def bench_sessions(quick: bool, redis_url: str | None) -> list[Row]:
-    """The session middleware benchmark, when the sessions package provides it."""
+    """The session middleware benchmark (skipped without Starlette or starsessions)."""
     try:
         from . import sessions as session_bench
     except ImportError:
         return []
-    rows = []
-    for item in await session_bench.run(quick=quick, redis_url=redis_url):
-        rows.append(
-            Row(
-                str(item.get("group", "sessions")),
-                str(item["operation"]),
-                str(item["target"]),
-                "ours" if str(item["target"]).startswith("kvstorage") else "peer",
-                float(item["ops"]),  # type: ignore[arg-type]
-                0.0,
-                0,
-            )
-        )
-    return rows
-
-
-def ratio(ours: float | None, other: float | None) -> str:
-    """``ours / other`` formatted, or an empty cell."""
-    return f"{ours / other:.2f}x" if ours and other else ""
+    return await session_bench.run(quick=quick, redis_url=redis_url)
 
 
 def render(rows: list[Row]) -> None:
     """Print one table per driver: ops/s of each target and our ratio to it."""
-    for driver in dict.fromkeys(row.driver for row in rows):
-        mine = [row for row in rows if row.driver == driver]
-        names = list(dict.fromkeys(row.target for row in mine if row.kind != "ours"))
+    lines = pivot(rows)
+    for driver in dict.fromkeys(line.driver for line in lines):
+        mine = [line for line in lines if line.driver == driver]
+        names = list(dict.fromkeys(name for line in mine for name in line.others))
+        peaks = any(line.ours.peak_mb is not None for line in mine)
         table = Table(title=f"{driver} (ops/s; batches and listing count keys)")
         table.add_column("operation")
         table.add_column("kvstorage", justify="right")
         for name in names:
             table.add_column(name, justify="right")
             table.add_column("ours/" + name.split()[0], justify="right")
-        if any(row.peak_mb is not None for row in mine):
+        if peaks:
             table.add_column("peak MiB", justify="right")
-        for operation in dict.fromkeys(row.operation for row in mine):
-            cells = {row.target: row for row in mine if row.operation == operation}
-            ours = next((row for row in cells.values() if row.kind == "ours"), None)
-            line = [operation, f"{ours.ops:,.0f}" if ours else ""]
+        for line in mine:
+            cells = [line.operation, f"{line.ours.ops:,.0f}"]
             for name in names:
-                other = cells.get(name)
-                line += [
+                other = line.others.get(name)
+                cells += [
                     f"{other.ops:,.0f}" if other else "",
-                    ratio(ours.ops if ours else None, other.ops if other else None),
+                    ratio(line.ours, other),
                 ]
-            if len(table.columns) > len(line):
-                peak = ours.peak_mb if ours else None
-                line.append("" if peak is None else f"{peak:.1f}")
-            table.add_row(*line)
+            if peaks:
+                peak = line.ours.peak_mb
+                cells.append("" if peak is None else f"{peak:.1f}")
+            table.add_row(*cells)
         Console(width=200).print(table)
 
 

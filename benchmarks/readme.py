@@ -13,34 +13,27 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .report import pivot, ratio
+from .workload import Row
+
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
 def table(payload: dict[str, Any]) -> str:
     """Markdown: per driver and operation, our ops/s and our ratio to raw and to peers."""
-    rows = payload["rows"]
     lines = [
         f"Measured on {payload['machine']}, N = {payload['n']:,}.",
         "",
         "| driver | operation | kvstorage ops/s | raw client | ours/raw | peers (ours/peer) |",
         "|---|---|---:|---|---:|---|",
     ]
-    seen: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for row in rows:
-        seen.setdefault((row["driver"], row["operation"]), []).append(row)
-    for (driver, operation), cells in seen.items():
-        ours = next((c for c in cells if c["kind"] == "ours"), None)
-        if ours is None:
-            continue
-        raw = next((c for c in cells if c["kind"] == "raw"), None)
-        peers = [c for c in cells if c["kind"] == "peer"]
-        peer_text = ", ".join(f"{p['target']} {ours['ops'] / p['ops']:.2f}x" for p in peers)
-        extra = f" (peak +{ours['peak_mb']:.1f} MiB)" if ours.get("peak_mb") is not None else ""
-        raw_name = raw["target"] if raw else ""
-        raw_ratio = f"{ours['ops'] / raw['ops']:.2f}x" if raw else ""
+    for line in pivot(Row(**row) for row in payload["rows"]):
+        ours, raw = line.ours, line.raw
+        peers = ", ".join(f"{p.target} {ratio(ours, p)}" for p in line.peers)
+        extra = f" (peak +{ours.peak_mb:.1f} MiB)" if ours.peak_mb is not None else ""
         lines.append(
-            f"| {driver} | {operation}{extra} | {ours['ops']:,.0f} | {raw_name} | "
-            f"{raw_ratio} | {peer_text} |"
+            f"| {line.driver} | {line.operation}{extra} | {ours.ops:,.0f} | "
+            f"{raw.target if raw else ''} | {ratio(ours, raw)} | {peers} |"
         )
     return "\n".join(lines)
 

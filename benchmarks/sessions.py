@@ -28,6 +28,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from .report import pivot, ratio
+from .workload import Row, best_rounds
+
 Handler = Callable[[Request], Awaitable[Response]]
 App = Any  # an ASGI application
 Close = Callable[[], Awaitable[None]]
@@ -184,10 +187,10 @@ async def _rate(caller: _Caller, method: str, path: str, count: int) -> float:
     return count / (time.perf_counter() - started)
 
 
-async def _measure(targets: dict[str, Builder], count: int, rounds: int) -> dict[str, float]:
-    """Best rate per (target, operation); the targets take turns in every round, so a
-    busy machine slows them alike."""
-    best: dict[tuple[str, str], float] = {}
+async def _measure(group: str, targets: dict[str, Builder], count: int, rounds: int) -> list[Row]:
+    """Every target's rate per operation, ``rounds`` times with the targets taking turns
+    (so a busy machine slows them alike); the best round of each is kept."""
+    rows: list[Row] = []
     async with AsyncExitStack() as stack:
         clients = {}
         for target, build in targets.items():
@@ -200,19 +203,21 @@ async def _measure(targets: dict[str, Builder], count: int, rounds: int) -> dict
             clients[target] = client
         for _ in range(rounds):
             for target, client in clients.items():
+                kind = "ours" if target.startswith("kvstorage") else "peer"
                 for operation, (method, path) in OPERATIONS.items():
+                    started = time.perf_counter()
                     rate = await _rate(client, method, path, count)
-                    best[target, operation] = max(best.get((target, operation), 0.0), rate)
-    return {f"{target}|{operation}": rate for (target, operation), rate in best.items()}
+                    seconds = time.perf_counter() - started
+                    rows.append(Row(group, operation, target, kind, rate, seconds, count))
+    return best_rounds(rows)
 
 
 def _with_base(url: str, base: str) -> str:
     return f"{url}{'&' if '?' in url else '?'}base={base}"
 
 
-async def run(*, quick: bool, redis_url: str | None) -> list[dict[str, object]]:
-    """Measure every target; return rows ``{group, operation, target, ops}`` (ops in
-    requests/s)."""
+async def run(*, quick: bool, redis_url: str | None) -> list[Row]:
+    """Measure every target; one row per (group, operation, target), ops in requests/s."""
     count, rounds = (200, 3) if quick else (500, 10)
     groups = {
         "sessions (memory)": {
@@ -229,11 +234,9 @@ async def run(*, quick: bool, redis_url: str | None) -> list[dict[str, object]]:
             "starsessions (redis)": lambda: starsessions_app(redis_url),
             "bare GET/SET, no sessions": lambda: raw_redis_app(redis_url),
         }
-    rows: list[dict[str, object]] = []
+    rows: list[Row] = []
     for group, targets in groups.items():
-        for name, ops in (await _measure(targets, count, rounds)).items():
-            target, operation = name.split("|")
-            rows.append({"group": group, "operation": operation, "target": target, "ops": ops})
+        rows += await _measure(group, targets, count, rounds)
     return rows
 
 
@@ -245,17 +248,15 @@ def main() -> None:
     parser.add_argument("--redis", default=None, help="redis://host:port/db of a scratch Redis")
     args = parser.parse_args()
     rows = anyio.run(lambda: run(quick=args.quick, redis_url=args.redis))
-    for group in dict.fromkeys(str(row["group"]) for row in rows):
+    lines = pivot(rows)
+    for group in dict.fromkeys(line.driver for line in lines):
         print(f"\n{group}")
-        mine = [row for row in rows if row["group"] == group]
-        for operation in dict.fromkeys(str(row["operation"]) for row in mine):
-            cells = {str(r["target"]): float(r["ops"]) for r in mine if r["operation"] == operation}  # type: ignore[arg-type]
-            ours = next(v for k, v in cells.items() if k.startswith("kvstorage"))
-            line = ", ".join(
-                f"{k}: {v:,.0f}/s" + ("" if k.startswith("kvstorage") else f" ({ours / v:.2f}x)")
-                for k, v in cells.items()
-            )
-            print(f"  {operation}: {line}")
+        for line in (line for line in lines if line.driver == group):
+            figures = [f"{line.ours.target}: {line.ours.ops:,.0f}/s"] + [
+                f"{name}: {row.ops:,.0f}/s ({ratio(line.ours, row)})"
+                for name, row in line.others.items()
+            ]
+            print(f"  {line.operation}: {', '.join(figures)}")
 
 
 if __name__ == "__main__":
