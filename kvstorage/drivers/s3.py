@@ -1,9 +1,43 @@
 """S3Driver: one object per key in an S3 bucket (AWS or any S3-compatible server), through
-aiobotocore. Runs on asyncio only (aiobotocore is asyncio-only)."""
+aiobotocore. Runs on asyncio only (aiobotocore is asyncio-only).
+
+**Object names.** Key ``a:b`` is the object ``<prefix>/a/b``. Within a segment, every
+character outside ``A-Z a-z 0-9 - _ . ~ ! * ' ( )`` is percent-encoded (UTF-8), so the
+mapping is reversible and no key can leave the prefix. Listing skips objects whose
+names are not the encoding of a valid key (written by other tools).
+
+**Etags and conditions.** An S3 ETag is the MD5 of the content, so rewriting the same
+bytes would keep it and let a stale ``If-Match`` succeed. Every object therefore ends
+with a trailer of 32 or 33 random bytes of JSON whitespace (space, tab, CR, LF; its
+length is in the object metadata and it is stripped on read): the ETag changes on
+every write, and ``if_match`` is S3's own atomic ``If-Match`` on it. Objects holding
+JSON stay valid JSON for other tools. ``if_absent`` is ``If-None-Match: *``; when the
+object exists but has expired, it is replaced with ``If-Match`` on its ETag, so of
+several writers racing for an expired key exactly one wins. The etag returned is the
+S3 ETag, followed by ``@<expires_at>`` for objects with a TTL so that ``if_match``
+refuses an expired version without a HEAD. (moto checks the conditions but not under
+a lock, so against moto they are atomic only in practice, not by guarantee.) When
+botocore retried a conditional write after an error and the retry fails its
+condition, the first attempt may have been applied: if the object holds what was
+sent, the write succeeded, otherwise :class:`~kvstorage.errors.DriverError` says the
+outcome is unknown (never a false "condition failed" that would make ``update_item``
+apply its function twice).
+
+**TTL** is stored in the object metadata and enforced on read (S3 has no per-object
+expiry; run ``storage.sweep()`` to delete expired objects). Listing does not return
+metadata, so the trailer length is chosen to make objects with a TTL odd-sized and
+the others even-sized: listing HEADs only odd-sized objects to skip expired ones.
+
+``remove``/``remove_items`` HEAD each key first to report whether it existed, then
+delete (DeleteObjects, in chunks of 1000); ``clear`` lists and deletes without HEADs.
+``sweep`` deletes an expired object only if its ETag is unchanged, so a concurrent
+rewrite survives.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import math
 import os
@@ -67,38 +101,6 @@ class S3Driver(Driver):
     5 s connect timeout, so an unreachable endpoint raises
     :class:`~kvstorage.errors.DriverUnavailableError` (naming it) within seconds; a
     ``config`` in ``client_options`` overrides them.
-
-    **Object names.** Key ``a:b`` is the object ``<prefix>/a/b``. Within a segment, every
-    character outside ``A-Z a-z 0-9 - _ . ~ ! * ' ( )`` is percent-encoded (UTF-8), so the
-    mapping is reversible and no key can leave the prefix. Listing skips objects whose
-    names are not the encoding of a valid key (written by other tools).
-
-    **Etags and conditions.** An S3 ETag is the MD5 of the content, so rewriting the same
-    bytes would keep it and let a stale ``If-Match`` succeed. Every object therefore ends
-    with a trailer of 32 or 33 random bytes of JSON whitespace (space, tab, CR, LF; its
-    length is in the object metadata and it is stripped on read): the ETag changes on
-    every write, and ``if_match`` is S3's own atomic ``If-Match`` on it. Objects holding
-    JSON stay valid JSON for other tools. ``if_absent`` is ``If-None-Match: *``; when the
-    object exists but has expired, it is replaced with ``If-Match`` on its ETag, so of
-    several writers racing for an expired key exactly one wins. The etag returned is the
-    S3 ETag, followed by ``@<expires_at>`` for objects with a TTL so that ``if_match``
-    refuses an expired version without a HEAD. (moto checks the conditions but not under
-    a lock, so against moto they are atomic only in practice, not by guarantee.) When
-    botocore retried a conditional write after an error and the retry fails its
-    condition, the first attempt may have been applied: if the object holds what was
-    sent, the write succeeded, otherwise :class:`~kvstorage.errors.DriverError` says the
-    outcome is unknown (never a false "condition failed" that would make ``update_item``
-    apply its function twice).
-
-    **TTL** is stored in the object metadata and enforced on read (S3 has no per-object
-    expiry; run ``storage.sweep()`` to delete expired objects). Listing does not return
-    metadata, so the trailer length is chosen to make objects with a TTL odd-sized and
-    the others even-sized: listing HEADs only odd-sized objects to skip expired ones.
-
-    ``remove``/``remove_items`` HEAD each key first to report whether it existed, then
-    delete (DeleteObjects, in chunks of 1000); ``clear`` lists and deletes without HEADs.
-    ``sweep`` deletes an expired object only if its ETag is unchanged, so a concurrent
-    rewrite survives.
     """
 
     name = "s3"
@@ -127,7 +129,7 @@ class S3Driver(Driver):
         self.region = region
         self.max_concurrency = max_concurrency
         if not conditional_writes:
-            self.capabilities = Capabilities(max_depth=True, asyncio_only=True)
+            self.capabilities = dataclasses.replace(self.capabilities, conditions=False)
         self._client_options = dict(client_options or {})
         self._client: Any = None  # set by _connect on first use
         self._given_client = client
