@@ -106,13 +106,13 @@ import anyio.lowlevel
 import anyio.to_thread
 from anyio.lowlevel import EventLoopToken
 
-from ..driver import Capabilities, Driver, EmitEvent, Record, Stat, check_condition, is_expired
 from ..errors import (
     DriverError,
     InvalidKeyError,
     KVStorageError,
     ReadOnlyError,
 )
+from .base import Capabilities, Driver, EmitEvent, Record, Stat, check_condition, is_expired
 
 __all__ = ["FSDriver"]
 

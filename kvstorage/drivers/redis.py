@@ -78,7 +78,9 @@ from redis.exceptions import (
     TimeoutError,
 )
 
-from ..driver import (
+from ..errors import ConditionFailedError, DriverError, DriverUnavailableError
+from ..keys import normalize_base
+from .base import (
     Capabilities,
     Driver,
     EmitEvent,
@@ -87,8 +89,6 @@ from ..driver import (
     make_record,
     require_asyncio,
 )
-from ..errors import ConditionFailedError, DriverError, DriverUnavailableError
-from ..keys import normalize_base
 
 __all__ = ["RedisDriver"]
 
