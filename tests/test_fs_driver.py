@@ -60,6 +60,9 @@ async def storage(driver: FSDriver) -> AsyncIterator[Storage]:
     await store.dispose()
 
 
+_ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
 def _tree(base: Path) -> list[str]:
     """Every path below ``base`` except the lock directory, relative, sorted."""
     return sorted(
@@ -75,9 +78,9 @@ def _tree(base: Path) -> list[str]:
 async def test_files_without_ttl_hold_exactly_the_bytes(storage: Storage, base: Path) -> None:
     await storage.set_item("users:42", {"name": "Ada"})
     await storage.set_item_raw("blob", bytes(range(256)))
-    assert (base / "users:" / "42").read_bytes() == b'{"name":"Ada"}'
+    assert (base / "users" / "42").read_bytes() == b'{"name":"Ada"}'
     assert (base / "blob").read_bytes() == bytes(range(256))
-    (base / "users:" / "7").write_bytes(b'"written by another tool"')
+    (base / "users" / "7").write_bytes(b'"written by another tool"')
     assert await storage.get_item("users:7") == "written by another tool"
     assert sorted(await storage.get_keys()) == ["blob", "users:42", "users:7"]
 
@@ -104,10 +107,11 @@ async def test_a_key_and_keys_below_it_coexist(storage: Storage, base: Path) -> 
     await storage.set_item("a:b", 2)
     await storage.set_item("a:b:c", 3)
     assert [await storage.get_item(k) for k in ("a", "a:b", "a:b:c")] == [1, 2, 3]
-    assert _tree(base) == ["a", "a:", "a:/b", "a:/b:", "a:/b:/c"]
+    assert _tree(base) == ["a", "a/:value", "a/b", "a/b/:value", "a/b/c"]
     assert await storage.remove_item("a")
     assert await storage.get_item("a:b") == 2
     assert sorted(await storage.get_keys()) == ["a:b", "a:b:c"]
+    assert _tree(base) == ["a", "a/b", "a/b/:value", "a/b/c"]
 
 
 async def test_long_and_unicode_segments(storage: Storage, base: Path) -> None:
@@ -128,7 +132,7 @@ async def test_long_and_unicode_segments(storage: Storage, base: Path) -> None:
 async def test_clear_and_remove_delete_empty_directories(storage: Storage, base: Path) -> None:
     await storage.set_items({"u:1:x": 1, "u:1:y": 2, "u:2:x": 3, "v": 4})
     await storage.clear("u:1")
-    assert _tree(base) == ["u:", "u:/2:", "u:/2:/x", "v"]
+    assert _tree(base) == ["u", "u/2", "u/2/x", "v"]
     assert await storage.remove_item("u:2:x")
     assert _tree(base) == ["v"]
     await storage.set_item("w:deep:er:key", 5)
@@ -141,17 +145,90 @@ async def test_base_directory_deleted_while_in_use(storage: Storage, base: Path)
     shutil.rmtree(base)
     assert await storage.get_item("a:b") is None
     await storage.set_item("a:b", 2, if_absent=True)
-    assert (base / "a:" / "b").read_bytes() == b"2"
+    assert (base / "a" / "b").read_bytes() == b"2"
     assert await storage.get_keys() == ["a:b"]
 
 
-async def test_foreign_files_are_not_listed(storage: Storage, base: Path) -> None:
+async def test_names_no_key_can_have_are_not_listed(storage: Storage, base: Path) -> None:
     await storage.set_item("k", 1)
     (base / "has:colon").write_bytes(b"x")
     (base / "back\\slash").write_bytes(b"x")
+    (base / ":own").write_bytes(b"x")
     (base / "plaindir").mkdir()
     (base / "plaindir" / "f").write_bytes(b"x")
-    assert await storage.get_keys() == ["k"]
+    assert sorted(await storage.get_keys()) == ["k", "plaindir:f"]
+
+
+async def test_a_tree_made_by_other_tools_lists_and_reads_back(
+    storage: Storage, base: Path
+) -> None:
+    os.makedirs(base / "docs" / "guides")
+    (base / "docs" / "readme.txt").write_bytes(b"Read me.\n")
+    (base / "docs" / "guides" / "setup.md").write_bytes(b"# Setup\n")
+    (base / "content" / "posts" / "2024").mkdir(parents=True)
+    blob = bytes(range(256)) * 3
+    (base / "content" / "posts" / "2024" / "hello.bin").write_bytes(blob)
+    (base / "top.json").write_text('{"a": 1}')
+    everything = ["content:posts:2024:hello.bin", "docs:guides:setup.md", "docs:readme.txt"]
+    assert sorted(await storage.get_keys()) == [*everything, "top.json"]
+    assert sorted(await storage.get_keys("docs")) == everything[1:]
+    assert sorted(await storage.get_keys(max_depth=1)) == ["docs:readme.txt", "top.json"]
+    assert await storage.get_item_raw("docs:readme.txt") == b"Read me.\n"
+    assert await storage.get_item_raw("content:posts:2024:hello.bin") == blob
+    assert await storage.get_item("top.json") == {"a": 1}
+    await storage.set_item_raw("docs:readme.txt", b"Changed.")
+    assert (base / "docs" / "readme.txt").read_bytes() == b"Changed."
+    await storage.clear("content")
+    assert not (base / "content").exists()
+    assert sorted(await storage.get_keys()) == [*everything[1:], "top.json"]
+
+
+@pytest.mark.parametrize("first", ["parent", "child"])
+async def test_a_key_and_a_directory_of_the_same_name_in_either_order(
+    storage: Storage, base: Path, first: str
+) -> None:
+    writes = [("a", "parent"), ("a:b", "child")]
+    for key, value in writes if first == "parent" else writes[::-1]:
+        await storage.set_item(key, value)
+    assert await storage.get_items(["a", "a:b"]) == {"a": "parent", "a:b": "child"}
+    assert (base / "a" / ":value").read_bytes() == b'"parent"'
+    assert (base / "a" / "b").read_bytes() == b'"child"'
+    assert sorted(await storage.get_keys()) == ["a", "a:b"]
+    assert await storage.get_keys("a") == ["a:b"]
+    assert await storage.get_keys(max_depth=0) == ["a"]
+    etag = (await storage.get_meta("a")).etag  # type: ignore[union-attr]
+    await storage.set_item("a", "again", if_match=etag)
+    assert await storage.get_item("a") == "again"
+    assert await storage.remove_item("a:b")
+    assert await storage.get_item("a") == "again"
+    assert await storage.remove_item("a")
+    assert _tree(base) == []
+
+
+async def test_a_value_moving_into_its_directory_never_disappears(
+    driver: FSDriver, base: Path
+) -> None:
+    misses = 0
+
+    async def read(key: str, done: anyio.Event) -> None:
+        nonlocal misses
+        while not done.is_set():
+            misses += await driver.get(key) is None
+            await anyio.lowlevel.checkpoint()
+
+    for round_ in range(40):
+        key = f"k{round_}"
+        await driver.set(key, b"v")
+        done = anyio.Event()
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(read, key, done)
+            tasks.start_soon(read, key, done)
+            await driver.set(f"{key}:child", b"c")
+            await driver.set(f"{key}:other", b"c")
+            done.set()
+        assert (base / key / ":value").read_bytes() == b"v"
+    assert misses == 0
 
 
 # -- temp files and sweeping -----------------------------------------------------------
@@ -161,7 +238,7 @@ async def test_temp_files_are_never_listed_and_stale_ones_are_swept(
     storage: Storage, driver: FSDriver, base: Path
 ) -> None:
     await storage.set_item("d:k", 1)
-    fresh, stale = base / "d:" / ":tmp:fresh", base / "d:" / ":tmp:stale"
+    fresh, stale = base / "d" / ":tmp:fresh", base / "d" / ":tmp:stale"
     fresh.write_bytes(b"half a val")
     stale.write_bytes(b"half a val")
     old = time.time() - driver.stale_temp_after - 10
@@ -172,24 +249,24 @@ async def test_temp_files_are_never_listed_and_stale_ones_are_swept(
     await anyio.sleep(0.1)  # let "e" expire; nothing to wait on
     assert await storage.sweep() == 1
     assert not stale.exists() and fresh.exists()
-    assert _tree(base) == [":ttl", "d:", "d:/:tmp:fresh", "d:/k"]  # :ttl marks TTL files
+    assert _tree(base) == [":ttl", "d", "d/:tmp:fresh", "d/k"]  # :ttl marks TTL files
 
 
 async def test_ttl_markers_do_not_keep_directories_alive(storage: Storage, base: Path) -> None:
     await storage.set_item("s:a", 1, ttl=60)
     await storage.set_item("s:b", 1, ttl=0.05)
     await storage.set_item("p:x", 1)
-    assert _tree(base) == ["p:", "p:/x", "s:", "s:/:ttl", "s:/a", "s:/b"]
+    assert _tree(base) == ["p", "p/x", "s", "s/:ttl", "s/a", "s/b"]
     await anyio.sleep(0.1)  # let "s:b" expire; nothing to wait on
     assert sorted(await storage.get_keys()) == ["p:x", "s:a"]
     assert await storage.sweep() == 1
     assert await storage.remove_item("s:a")
-    assert _tree(base) == ["p:", "p:/x", "s:", "s:/:ttl"]  # remove only drops empty dirs
+    assert _tree(base) == ["p", "p/x", "s", "s/:ttl"]  # remove only drops empty dirs
     await storage.sweep()
-    assert _tree(base) == ["p:", "p:/x"]
+    assert _tree(base) == ["p", "p/x"]
     await storage.set_item("q:r:s", 1, ttl=60)
     await storage.clear("q")
-    assert _tree(base) == ["p:", "p:/x"]
+    assert _tree(base) == ["p", "p/x"]
 
 
 async def test_ttl_survives_a_new_driver_instance(base: Path) -> None:
@@ -222,7 +299,7 @@ async def test_symlinks_never_lead_outside_base(
     secret.write_bytes(b'"secret"')
     await storage.set_item("init", 1)
     (base / "leak").symlink_to(secret)
-    (base / "dir:").symlink_to(outside, target_is_directory=True)
+    (base / "dir").symlink_to(outside, target_is_directory=True)
     with pytest.raises(DriverError, match="symbolic link"):
         await storage.get_item("leak")
     with pytest.raises(DriverError, match="symbolic link"):
@@ -276,6 +353,147 @@ async def test_read_only(base: Path) -> None:
     assert not (base.parent / "missing").exists()  # reading creates nothing
 
 
+@pytest.mark.parametrize("umask", [0, 0o022])
+async def test_files_are_private_to_their_owner_whatever_the_umask(
+    tmp_path: Path, umask: int
+) -> None:
+    old = os.umask(umask)
+    try:
+        base = tmp_path / "new" / "data"
+        store = create_storage(FSDriver(base))
+        await store.set_item("a:b:c", 1)
+        await store.set_item("a", 1)
+        await store.set_item("t:x", 1, ttl=60)
+        await store.dispose()
+    finally:
+        os.umask(old)
+    modes = {
+        str(path.relative_to(tmp_path)): path.stat().st_mode & 0o777
+        for path in [tmp_path / "new", base, *base.rglob("*")]
+    }
+    assert ":locks" in "".join(modes) and "t/:ttl" in "".join(modes)
+    for path, mode in modes.items():
+        is_dir = (tmp_path / path).is_dir()
+        assert mode == (0o700 if is_dir else 0o600), f"{path}: {mode:o}"
+
+
+async def test_file_and_dir_modes_are_exact_under_a_strict_umask(tmp_path: Path) -> None:
+    old = os.umask(0o077)
+    try:
+        driver = FSDriver(tmp_path / "shared", file_mode=0o640, dir_mode=0o750)
+        await driver.set("g:k", b"1")
+        await driver.dispose()
+    finally:
+        os.umask(old)
+    assert (tmp_path / "shared" / "g").stat().st_mode & 0o777 == 0o750
+    assert (tmp_path / "shared" / "g" / "k").stat().st_mode & 0o777 == 0o640
+    assert "dir_mode=0o750" in repr(driver) and "file_mode=0o640" in repr(driver)
+    with pytest.raises(ValueError, match="file_mode"):
+        FSDriver(tmp_path, file_mode=0o10000)
+
+
+_PLANTED = textwrap.dedent(
+    """
+    import os, sys, anyio
+    from kvstorage import DriverError
+    from kvstorage.drivers import FSDriver
+
+    async def main(base, where):
+        driver = FSDriver(base)
+        if where == "key":
+            os.makedirs(base, exist_ok=True)
+            os.mkfifo(os.path.join(base, "k"))
+            calls = [driver.get("k"), driver.set("k", b"v", if_absent=True), driver.remove("k")]
+        elif where == "lock":
+            os.makedirs(os.path.join(base, ":locks"))
+            for stripe in range(64):
+                os.mkfifo(os.path.join(base, ":locks", f"{stripe:02x}"))
+            calls = [driver.set("k", b"v")]
+        else:
+            os.makedirs(os.path.join(base, "d"))
+            os.mkfifo(os.path.join(base, "d", ":ttl"))
+            calls = [driver.set("d:k", b"v", expires_at=4e9)]
+        for call in calls:
+            try:
+                await call
+            except DriverError as exc:
+                print("refused:", exc)
+            else:
+                print("accepted")
+
+    anyio.run(main, sys.argv[1], sys.argv[2])
+    """
+)
+
+
+@pytest.mark.parametrize("where", ["key", "lock", "ttl-marker"])
+def test_a_planted_fifo_is_an_error_never_a_hang(tmp_path: Path, where: str) -> None:
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _PLANTED, str(tmp_path / "data"), where],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=_ENV,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"an FSDriver call hung on a FIFO planted at the {where}")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    if where == "ttl-marker":  # the marker only has to exist: the write may go through
+        assert lines in (["accepted"], [line for line in lines if "not a regular file" in line])
+    else:
+        assert lines and all("not a regular file" in line for line in lines), lines
+
+
+_DEEP = textwrap.dedent(
+    """
+    import resource, sys, anyio
+    from kvstorage import create_storage
+    from kvstorage.drivers import FSDriver
+
+    async def main(base):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+        store = create_storage(FSDriver(base))
+        keys = [":".join([str(worker)] + ["s"] * 499) for worker in range(4)]
+
+        async def work(key):
+            await store.set_item(key, key[:1])
+            await store.set_item(key.rsplit(":", 1)[0] + ":t", 1, ttl=60)
+            assert await store.get_item(key) == key[:1]
+
+        async with anyio.create_task_group() as tasks:
+            for key in keys:
+                tasks.start_soon(work, key)
+        assert sorted(await store.get_keys()) == sorted(
+            [*keys, *(key.rsplit(":", 1)[0] + ":t" for key in keys)]
+        )
+        async with anyio.create_task_group() as tasks:
+            for key in keys:
+                tasks.start_soon(store.remove_item, key)
+        await store.clear()
+        assert await store.get_keys() == []
+        print("ok")
+
+    anyio.run(main, sys.argv[1])
+    """
+)
+
+
+def test_deep_keys_hold_few_descriptors(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _DEEP, str(tmp_path / "data")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_ENV,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    assert not any((tmp_path / "data").iterdir()) or [
+        p.name for p in (tmp_path / "data").iterdir()
+    ] == [":locks"]
+
+
 def test_from_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     absolute = from_url(f"file://{tmp_path}/abs")
     assert isinstance(absolute, FSDriver) and absolute.base == str(tmp_path / "abs")
@@ -284,6 +502,10 @@ def test_from_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert isinstance(relative, FSDriver) and relative.base == str(tmp_path / "rel" / "dir")
     assert relative.read_only and not relative.fsync
     assert from_url("file:///x%20y?fsync=true").fsync  # type: ignore[attr-defined]
+    moded = from_url("file:///x?file_mode=0640&dir_mode=0750")
+    assert moded.file_mode == 0o640 and moded.dir_mode == 0o750  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="octal"):
+        FSDriver.from_url("file:///x?file_mode=rw")
     with pytest.raises(ValueError):
         FSDriver.from_url("file://")
 
@@ -341,8 +563,6 @@ async def test_watch_sees_other_writers_and_new_directories(storage: Storage, ba
 
 
 # -- real processes --------------------------------------------------------------------
-
-_ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 _OVERWRITER = textwrap.dedent(
     """
