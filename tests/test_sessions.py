@@ -151,7 +151,7 @@ async def test_set_fails_fast_and_stores_a_copy(manager: SessionManager):
     with pytest.raises(SerializationError):
         await session.set("bad", object())
     with pytest.raises(SerializationError):
-        session.flash("bad", lambda: None)
+        await session.flash("bad", lambda: None)
     cart = ["apple"]
     await session.set("cart", cart)
     cart.append("pear")  # mutating the original afterwards changes nothing
@@ -248,7 +248,7 @@ async def test_writes_after_destroy_start_a_new_session(manager: SessionManager)
 
 async def test_flash_is_read_once_on_a_later_request(manager: SessionManager):
     session = manager.open(None)
-    session.flash("msg", "Saved!")
+    await session.flash("msg", "Saved!")
     sid = cookie_id(await manager.commit(session))
     second = manager.open(sid)
     assert await second.keys() == []  # flash values are not session keys
