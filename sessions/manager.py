@@ -31,7 +31,9 @@ class SessionManager:
     Args:
         storage: a :class:`~kvstorage.Storage` (or ``prefix_storage`` view), a driver, or
             a driver URL. Default: the URL in ``$KVSTORAGE_URL`` if set, else an
-            ``FSDriver`` at ``./.sessions`` (created on first use).
+            ``FSDriver`` at ``./.sessions``, created (mode 0700) on first use; a
+            ``./.sessions`` that belongs to another user or that group or others may write
+            to is refused with a ``PermissionError``.
         prefix: sessions are stored at ``<prefix>:<id>``.
         ttl: absolute lifetime of a session (seconds or ``timedelta``), counted from its
             creation; None for no limit.

@@ -17,7 +17,9 @@ import logging
 import os
 import re
 import secrets
+import stat
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -80,6 +82,34 @@ class Stored:
     etag: str | None  # None after our own write (the storage does not return the new etag)
 
 
+def _check_private_directory(path: Path) -> None:
+    """Create the directory ``path`` with mode 0700 if it is missing; otherwise make sure
+    nobody but this process's user can change what is in it.
+
+    Raises:
+        PermissionError: ``path`` belongs to another user, or group or others may write
+            to it (they could plant, replace or delete sessions).
+        FileExistsError: ``path`` exists and is not a directory.
+    """
+    path.mkdir(mode=0o700, exist_ok=True)
+    info = path.stat()
+    where = path.resolve()
+    if os.name != "posix":
+        return
+    if info.st_uid != os.geteuid():
+        raise PermissionError(
+            f"refusing to keep sessions in {where}: it belongs to user id {info.st_uid}, "
+            f"not to this process's user (id {os.geteuid()}); remove it or pass a storage "
+            "to SessionManager"
+        )
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise PermissionError(
+            f"refusing to keep sessions in {where}: group or others may write to it "
+            f"(mode {stat.S_IMODE(info.st_mode):o}); run 'chmod 700 {where}' or pass a "
+            "storage to SessionManager"
+        )
+
+
 def _redact(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
@@ -89,12 +119,14 @@ def _redact(url: str) -> str:
 
 
 def _default_storage() -> Storage:
-    """The storage named by ``$KVSTORAGE_URL``, else an ``FSDriver`` at
-    :data:`DEFAULT_DIRECTORY` in the working directory; logs which one."""
-    url = os.environ.get("KVSTORAGE_URL") or f"file://./{DEFAULT_DIRECTORY}"
-    storage = create_storage(url, serializer="tagged")
+    """The storage named by ``$KVSTORAGE_URL``, else an ``FSDriver`` in a private
+    :data:`DEFAULT_DIRECTORY` of the working directory; logs which one."""
+    url = os.environ.get("KVSTORAGE_URL")
+    if not url:
+        _check_private_directory(Path(DEFAULT_DIRECTORY))
+        url = f"file://./{DEFAULT_DIRECTORY}"
     logger.info("sessions are stored in %s", _redact(url))
-    return storage
+    return create_storage(url, serializer="tagged")
 
 
 class SessionStore:
@@ -103,7 +135,8 @@ class SessionStore:
     Args:
         storage: a :class:`~kvstorage.Storage` (or ``prefix_storage`` view), a driver, or
             a driver URL. Default: the URL in ``$KVSTORAGE_URL`` if set, else an
-            ``FSDriver`` at ``./.sessions`` (created on first use).
+            ``FSDriver`` at ``./.sessions``, created on first use (mode 0700) and refused
+            when another user owns it or group or others may write to it.
         prefix: sessions are stored at ``<prefix>:<id>``.
     """
 
@@ -121,7 +154,11 @@ class SessionStore:
 
     @property
     def storage(self) -> Storage:
-        """The storage holding the sessions (the default one is created on first use)."""
+        """The storage holding the sessions (the default one is created on first use).
+
+        Raises:
+            PermissionError: the default directory is not private (see the class).
+        """
         if self._storage is None:
             self._storage = _default_storage()
         return self._storage

@@ -4,12 +4,15 @@ matrix (``make_driver``), wrapped in a counting driver to check when storage is 
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
@@ -468,6 +471,54 @@ def test_default_storage_is_fs_in_dot_sessions(monkeypatch: pytest.MonkeyPatch, 
     manager = SessionManager()
     storage = manager.storage
     assert type(storage.get_mount().driver).__name__ == "FSDriver"
+    assert stat.S_IMODE((tmp_path / ".sessions").stat().st_mode) == 0o700  # created private
+
+
+def default_manager_in(directory: Path, monkeypatch: pytest.MonkeyPatch) -> SessionManager:
+    """A manager with the default storage, run from the parent of ``directory``."""
+    monkeypatch.delenv("KVSTORAGE_URL", raising=False)
+    monkeypatch.chdir(directory.parent)
+    return SessionManager()
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o702], ids=oct)
+async def test_default_directory_writable_by_others_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, mode: int
+):
+    directory = tmp_path / ".sessions"
+    directory.mkdir()
+    directory.chmod(mode)
+    manager = default_manager_in(directory, monkeypatch)
+    session = manager.open(None)
+    await session.set("a", 1)
+    with pytest.raises(PermissionError, match="group or others may write") as raised:
+        await manager.commit(session)
+    assert str(directory.resolve()) in str(raised.value)
+    assert list(directory.iterdir()) == []  # nothing was written there
+
+
+async def test_private_default_directory_is_used(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    directory = tmp_path / ".sessions"
+    directory.mkdir()
+    directory.chmod(0o700)
+    manager = default_manager_in(directory, monkeypatch)
+    sid = await new_session(manager, a=1)
+    assert await manager.open(sid).get("a") == 1
+    assert list(directory.iterdir()) != []
+    await manager.dispose()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory away needs root")
+def test_default_directory_of_another_user_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    directory = tmp_path / ".sessions"
+    directory.mkdir(mode=0o700)
+    os.chown(directory, 65534, 65534)
+    manager = default_manager_in(directory, monkeypatch)
+    with pytest.raises(PermissionError, match="belongs to user id 65534") as raised:
+        manager.storage  # noqa: B018
+    assert str(directory.resolve()) in str(raised.value)
 
 
 def test_sessions_imports_no_web_framework():
