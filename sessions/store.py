@@ -21,7 +21,6 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 from msgspec import Raw
@@ -34,6 +33,7 @@ from kvstorage import (
     create_storage,
     normalize_key,
 )
+from kvstorage.urls import redact_url
 
 __all__ = ["DEFAULT_DIRECTORY", "SessionStore", "Stored", "fingerprint", "is_valid_id"]
 
@@ -110,14 +110,6 @@ def _check_private_directory(path: Path) -> None:
         )
 
 
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 def _default_storage() -> Storage:
     """The storage named by ``$KVSTORAGE_URL``, else an ``FSDriver`` in a private
     :data:`DEFAULT_DIRECTORY` of the working directory; logs which one."""
@@ -125,7 +117,7 @@ def _default_storage() -> Storage:
     if not url:
         _check_private_directory(Path(DEFAULT_DIRECTORY))
         url = f"file://./{DEFAULT_DIRECTORY}"
-    logger.info("sessions are stored in %s", _redact(url))
+    logger.info("sessions are stored in %s", redact_url(url))
     return create_storage(url, serializer="tagged")
 
 

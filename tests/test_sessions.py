@@ -21,7 +21,7 @@ from kvstorage.drivers import MemoryDriver
 from sessions import CookieOptions, Session, SessionManager
 
 from .backends import DriverFactory
-from .helpers import eventually
+from .helpers import eventually, free_port
 from .sessions_support import CountingDriver
 
 pytestmark = pytest.mark.anyio
@@ -463,6 +463,19 @@ async def test_default_storage_from_environment(
     sid = await new_session(manager, a=1)
     assert await manager.open(sid).get("a") == 1
     await manager.dispose()
+
+
+async def test_default_storage_log_line_hides_the_password(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    # A closed port: the line is logged when the storage is created, before connecting.
+    monkeypatch.setenv("KVSTORAGE_URL", f"redis://:s3cret@127.0.0.1:{free_port()}/0")
+    manager = SessionManager()
+    with caplog.at_level(logging.INFO, logger="sessions"):
+        manager.storage  # noqa: B018
+    await manager.dispose()
+    assert "sessions are stored in redis://:***@127.0.0.1:" in caplog.text
+    assert "s3cret" not in caplog.text
 
 
 def test_default_storage_is_fs_in_dot_sessions(monkeypatch: pytest.MonkeyPatch, tmp_path):
