@@ -132,7 +132,9 @@ class SessionStore:
         prefix: sessions are stored at ``<prefix>:<id>``.
     """
 
-    def __init__(self, storage: Storage | Driver | str | None = None, *, prefix: str) -> None:
+    def __init__(
+        self, storage: Storage | Driver | str | None = None, *, prefix: str = "session"
+    ) -> None:
         self.prefix = normalize_key(prefix)
         self._owns_storage = not isinstance(storage, Storage)
         self._corrupt_reported: dict[str, None] = {}
