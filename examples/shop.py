@@ -83,11 +83,11 @@ async def login(request: Request) -> Response:
     session = session_of(request)
     user = fields.get("user", "").strip()
     if not user or fields.get("password") != PASSWORD:
-        session.flash("message", "Wrong user name or password.")
+        await session.flash("message", "Wrong user name or password.")
         return RedirectResponse("/", status_code=303)
     await session.regenerate()  # a new ID for the new privilege level
     await session.set("user", user)
-    session.flash("message", f"Welcome, {user}.")
+    await session.flash("message", f"Welcome, {user}.")
     return RedirectResponse("/", status_code=303)
 
 

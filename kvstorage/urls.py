@@ -43,6 +43,8 @@ def redact_url(url: str) -> str:
                 [(name, "***" if _is_secret(name) else value) for name, value in pairs],
                 safe="*",
             )
+    if netloc == parts.netloc and query == parts.query:
+        return url  # nothing to hide (urlunsplit would also turn ``memory://`` into ``memory:``)
     return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
 from .manager import SessionManager
@@ -14,6 +14,7 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+Header = tuple[bytes, bytes]
 
 
 def _cookie_values(scope: Scope, name: str) -> list[str]:
@@ -26,6 +27,15 @@ def _cookie_values(scope: Scope, name: str) -> list[str]:
                 if sep and key.strip() == name:
                     values.append(val.strip())
     return values
+
+
+def _with_cookies(headers: Iterable[Header], cookies: list[str]) -> list[Header]:
+    """``headers`` with the ``Set-Cookie`` values and ``Cache-Control: no-store`` (in place
+    of any other ``Cache-Control``: a response that sets the session cookie is private)."""
+    kept = [(name, value) for name, value in headers if name != b"cache-control"]
+    kept += [(b"set-cookie", cookie.encode("latin-1")) for cookie in cookies]
+    kept.append((b"cache-control", b"no-store"))
+    return kept
 
 
 class SessionMiddleware:
@@ -66,25 +76,18 @@ class SessionMiddleware:
         manager = self.manager
         session = manager.open(_cookie_values(scope, manager.cookie.name))
         scope["session"] = session
-        status: int | None = None
+        # Whether this request's session is saved at all: decided once, by the status of
+        # the response (a WebSocket has none: always).
+        persist = scope["type"] == "websocket"
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status
+            nonlocal persist
             if message["type"] == "http.response.start":
-                status = message["status"]
-                if status < 500 or self.persist_on_error:
-                    cookies = await manager.commit(session)
-                    if cookies:
-                        headers = [
-                            (k, v) for k, v in message.get("headers", ()) if k != b"cache-control"
-                        ]
-                        headers += [(b"set-cookie", c.encode("latin-1")) for c in cookies]
-                        headers.append((b"cache-control", b"no-store"))
-                        message["headers"] = headers
+                persist = message["status"] < 500 or self.persist_on_error
+                if persist and (cookies := await manager.commit(session)):
+                    message["headers"] = _with_cookies(message.get("headers", ()), cookies)
             await send(message)
 
         await self.app(scope, receive, send_wrapper)
-        # Changes made after the headers went out (streaming body, background task, WebSocket).
-        responded = status is not None and (status < 500 or self.persist_on_error)
-        if session.modified and (responded or scope["type"] == "websocket"):
+        if persist and session.modified:  # changed after the headers went out
             await manager.commit(session, headers_sent=True)

@@ -122,7 +122,7 @@ def make_app(
         return JSONResponse({"ok": True})
 
     async def flash(request: Request) -> Response:
-        session_of(request).flash("msg", request.query_params["msg"])
+        await session_of(request).flash("msg", request.query_params["msg"])
         return JSONResponse({"ok": True})
 
     async def pop_flash(request: Request) -> Response:

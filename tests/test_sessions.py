@@ -4,12 +4,15 @@ matrix (``make_driver``), wrapped in a counting driver to check when storage is 
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
@@ -18,7 +21,7 @@ from kvstorage.drivers import MemoryDriver
 from sessions import CookieOptions, Session, SessionManager
 
 from .backends import DriverFactory
-from .helpers import eventually
+from .helpers import eventually, free_port
 from .sessions_support import CountingDriver
 
 pytestmark = pytest.mark.anyio
@@ -151,7 +154,7 @@ async def test_set_fails_fast_and_stores_a_copy(manager: SessionManager):
     with pytest.raises(SerializationError):
         await session.set("bad", object())
     with pytest.raises(SerializationError):
-        session.flash("bad", lambda: None)
+        await session.flash("bad", lambda: None)
     cart = ["apple"]
     await session.set("cart", cart)
     cart.append("pear")  # mutating the original afterwards changes nothing
@@ -248,7 +251,7 @@ async def test_writes_after_destroy_start_a_new_session(manager: SessionManager)
 
 async def test_flash_is_read_once_on_a_later_request(manager: SessionManager):
     session = manager.open(None)
-    session.flash("msg", "Saved!")
+    await session.flash("msg", "Saved!")
     sid = cookie_id(await manager.commit(session))
     second = manager.open(sid)
     assert await second.keys() == []  # flash values are not session keys
@@ -462,12 +465,73 @@ async def test_default_storage_from_environment(
     await manager.dispose()
 
 
+async def test_default_storage_log_line_hides_the_password(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    # A closed port: the line is logged when the storage is created, before connecting.
+    monkeypatch.setenv("KVSTORAGE_URL", f"redis://:s3cret@127.0.0.1:{free_port()}/0")
+    manager = SessionManager()
+    with caplog.at_level(logging.INFO, logger="sessions"):
+        manager.storage  # noqa: B018
+    await manager.dispose()
+    assert "sessions are stored in redis://:***@127.0.0.1:" in caplog.text
+    assert "s3cret" not in caplog.text
+
+
 def test_default_storage_is_fs_in_dot_sessions(monkeypatch: pytest.MonkeyPatch, tmp_path):
     monkeypatch.delenv("KVSTORAGE_URL", raising=False)
     monkeypatch.chdir(tmp_path)
     manager = SessionManager()
     storage = manager.storage
     assert type(storage.get_mount().driver).__name__ == "FSDriver"
+    assert stat.S_IMODE((tmp_path / ".sessions").stat().st_mode) == 0o700  # created private
+
+
+def default_manager_in(directory: Path, monkeypatch: pytest.MonkeyPatch) -> SessionManager:
+    """A manager with the default storage, run from the parent of ``directory``."""
+    monkeypatch.delenv("KVSTORAGE_URL", raising=False)
+    monkeypatch.chdir(directory.parent)
+    return SessionManager()
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o702], ids=oct)
+async def test_default_directory_writable_by_others_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, mode: int
+):
+    directory = tmp_path / ".sessions"
+    directory.mkdir()
+    directory.chmod(mode)
+    manager = default_manager_in(directory, monkeypatch)
+    session = manager.open(None)
+    await session.set("a", 1)
+    with pytest.raises(PermissionError, match="group or others may write") as raised:
+        await manager.commit(session)
+    assert str(directory.resolve()) in str(raised.value)
+    assert list(directory.iterdir()) == []  # nothing was written there
+
+
+async def test_private_default_directory_is_used(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    directory = tmp_path / ".sessions"
+    directory.mkdir()
+    directory.chmod(0o700)
+    manager = default_manager_in(directory, monkeypatch)
+    sid = await new_session(manager, a=1)
+    assert await manager.open(sid).get("a") == 1
+    assert list(directory.iterdir()) != []
+    await manager.dispose()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory away needs root")
+def test_default_directory_of_another_user_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    directory = tmp_path / ".sessions"
+    directory.mkdir(mode=0o700)
+    os.chown(directory, 65534, 65534)
+    manager = default_manager_in(directory, monkeypatch)
+    with pytest.raises(PermissionError, match="belongs to user id 65534") as raised:
+        manager.storage  # noqa: B018
+    assert str(directory.resolve()) in str(raised.value)
 
 
 def test_sessions_imports_no_web_framework():

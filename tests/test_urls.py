@@ -45,3 +45,17 @@ def test_bad_urls_never_echo_their_secrets(url: str) -> None:
     with pytest.raises(ValueError) as caught:
         from_url(url)
     assert "hunter2" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "memory://",
+        "file://./.sessions",
+        "file:///var/lib/app/sessions",
+        "sqlite:///tmp/kv.db?table=kv",
+        "redis://127.0.0.1:6379/0?base=app",
+    ],
+)
+def test_urls_without_secrets_are_returned_unchanged(url: str) -> None:
+    assert redact_url(url) == url

@@ -1,0 +1,131 @@
+"""Structure rules of the packages, checked on their source (nothing is imported):
+
+* no module imports a private name (or a name from a private module) that belongs to a
+  package it is not part of: ``_x`` is visible inside the package that holds it;
+* the import graph of module-level imports, including those under ``TYPE_CHECKING``, has
+  no cycle;
+* the core (``kvstorage`` outside its drivers) never imports a backend library.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("kvstorage", "sessions")
+BACKEND_LIBRARIES = {"redis", "aiosqlite", "aiobotocore", "botocore", "watchfiles", "aiofiles"}
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            found[".".join(parts)] = path
+    return found
+
+
+MODULES = _modules()
+
+
+def _package_of(module: str) -> str:
+    """The package a module belongs to (a package ``__init__`` belongs to itself)."""
+    path = MODULES[module]
+    return module if path.name == "__init__.py" else module.rpartition(".")[0]
+
+
+def _module_level(tree: ast.Module) -> Iterator[ast.Import | ast.ImportFrom]:
+    """Imports run when the module loads, including under ``if TYPE_CHECKING:``."""
+    stack: list[ast.stmt] = list(tree.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            yield node
+        elif isinstance(node, ast.If | ast.Try):
+            stack += node.body + node.orelse
+            if isinstance(node, ast.Try):
+                stack += [stmt for handler in node.handlers for stmt in handler.body]
+
+
+def _imports(module: str) -> Iterator[tuple[str, int]]:
+    """(absolute dotted name imported, line) for each module-level import: a module, or
+    ``module.name`` for ``from module import name``."""
+    tree = ast.parse(MODULES[module].read_text())
+    for node in _module_level(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, node.lineno
+            continue
+        if node.level:
+            anchor = _package_of(module).split(".")
+            anchor = anchor[: len(anchor) - node.level + 1]
+            base = ".".join([*anchor, node.module] if node.module else anchor)
+        else:
+            base = node.module or ""
+        for alias in node.names:
+            yield (f"{base}.{alias.name}" if alias.name != "*" else base), node.lineno
+
+
+def _target(name: str) -> str | None:
+    """The project module an imported name loads: itself if it is a module, else the
+    module that defines it."""
+    while name and name not in MODULES:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def test_no_private_name_crosses_its_package() -> None:
+    problems = []
+    for module in MODULES:
+        package = _package_of(module)
+        for name, line in _imports(module):
+            parts = name.split(".")
+            for index, part in enumerate(parts):
+                if part.startswith("_") and not part.startswith("__"):
+                    owner = ".".join(parts[:index])
+                    if not (package == owner or package.startswith(owner + ".")):
+                        problems.append(f"{MODULES[module].relative_to(ROOT)}:{line} {name}")
+                    break
+    assert problems == []
+
+
+def test_the_import_graph_has_no_cycle() -> None:
+    graph = {
+        module: {t for name, _ in _imports(module) if (t := _target(name)) and t != module}
+        for module in MODULES
+    }
+    state: dict[str, str] = {}
+    path: list[str] = []
+
+    def visit(module: str) -> None:
+        state[module] = "open"
+        path.append(module)
+        for successor in sorted(graph[module]):
+            if state.get(successor) == "open":
+                cycle = [*path[path.index(successor) :], successor]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if successor not in state:
+                visit(successor)
+        path.pop()
+        state[module] = "done"
+
+    for module in sorted(MODULES):
+        if module not in state:
+            visit(module)
+
+
+def test_the_core_imports_no_backend_library() -> None:
+    problems = []
+    for module in MODULES:
+        if module.startswith("kvstorage.drivers.") and module != "kvstorage.drivers.base":
+            continue  # a driver module is where its backend library belongs
+        for name, line in _imports(module):
+            if name.split(".")[0] in BACKEND_LIBRARIES:
+                problems.append(f"{MODULES[module].relative_to(ROOT)}:{line} {name}")
+    assert problems == []
