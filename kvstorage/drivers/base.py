@@ -69,16 +69,15 @@ class Capabilities:
 
     Attributes:
         ttl: the backend expires entries by itself (``sweep`` is then a no-op).
-        batch: ``get_many`` / ``set_many`` / ``remove_many`` are single round trips.
         watch: :meth:`Driver.watch` reports every change, including those made through
             this storage; the core then emits no events of its own for this driver.
         max_depth: :meth:`Driver.scan` honours ``max_depth`` (otherwise the core filters).
         conditions: ``if_absent`` / ``if_match`` are atomic against other processes.
-        asyncio_only: the client library runs only on asyncio (not on trio).
+        asyncio_only: the client library runs only on asyncio (not on trio); the
+            conformance suite runs every other driver on both.
     """
 
     ttl: bool = False
-    batch: bool = False
     watch: bool = False
     max_depth: bool = False
     conditions: bool = False

@@ -29,7 +29,7 @@ class MemoryDriver(Driver):
     """
 
     name = "memory"
-    capabilities = Capabilities(batch=True, conditions=True)
+    capabilities = Capabilities(conditions=True)
 
     def __init__(self, *, max_entries: int | None = None) -> None:
         if max_entries is not None and max_entries < 1:

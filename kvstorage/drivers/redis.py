@@ -301,6 +301,8 @@ class RedisDriver(Driver):
     """
 
     name = "redis"
+    #: Per instance: a cluster client has no ``watch``.
+    capabilities = Capabilities(ttl=True, watch=True, conditions=True, asyncio_only=True)
 
     def __init__(
         self,
@@ -345,7 +347,7 @@ class RedisDriver(Driver):
         self._tasks: set[asyncio.Task[None]] = set()
         self._watchers: set[Callable[[], Awaitable[None]]] = set()
         self.capabilities = Capabilities(
-            ttl=True, batch=True, watch=not cluster, conditions=True, asyncio_only=True
+            ttl=True, watch=not cluster, conditions=True, asyncio_only=True
         )
 
     @classmethod

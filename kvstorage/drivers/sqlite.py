@@ -66,7 +66,7 @@ class SQLiteDriver(Driver):
     """
 
     name = "sqlite"
-    capabilities = Capabilities(batch=True, max_depth=True, conditions=True, asyncio_only=True)
+    capabilities = Capabilities(max_depth=True, conditions=True, asyncio_only=True)
 
     path: str
     """The database file as an absolute path (relative paths are resolved when the driver

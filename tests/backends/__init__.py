@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import pytest
 
 from kvstorage import Driver
+from kvstorage.drivers import FSDriver, MemoryDriver, RedisDriver, S3Driver, SQLiteDriver
 
 DriverFactory = Callable[[], Driver]
 
@@ -27,16 +28,21 @@ class BackendSpec:
 
     name: str
     fixture: str
-    anyio_backends: tuple[str, ...] = ("asyncio",)
+    driver: type[Driver]
+
+    @property
+    def anyio_backends(self) -> tuple[str, ...]:
+        """Every anyio backend the driver runs on (from its capabilities)."""
+        return ("asyncio",) if self.driver.capabilities.asyncio_only else ("asyncio", "trio")
 
 
 BACKENDS: list[BackendSpec] = [
-    BackendSpec("memory", "memory_driver_factory", ("asyncio", "trio")),
-    BackendSpec("fs", "fs_driver_factory", ("asyncio", "trio")),
-    BackendSpec("sqlite", "sqlite_driver_factory", ("asyncio",)),
-    BackendSpec("s3", "s3_driver_factory", ("asyncio",)),
-    BackendSpec("redis", "redis_driver_factory", ("asyncio",)),
-    BackendSpec("redis_cluster", "redis_cluster_driver_factory", ("asyncio",)),
+    BackendSpec("memory", "memory_driver_factory", MemoryDriver),
+    BackendSpec("fs", "fs_driver_factory", FSDriver),
+    BackendSpec("sqlite", "sqlite_driver_factory", SQLiteDriver),
+    BackendSpec("s3", "s3_driver_factory", S3Driver),
+    BackendSpec("redis", "redis_driver_factory", RedisDriver),
+    BackendSpec("redis_cluster", "redis_cluster_driver_factory", RedisDriver),
 ]
 
 

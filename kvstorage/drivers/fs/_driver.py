@@ -124,7 +124,7 @@ class FSDriver(Driver):
     """
 
     name = "fs"
-    capabilities = Capabilities(batch=True, max_depth=True, conditions=True, watch=True)
+    capabilities = Capabilities(max_depth=True, conditions=True, watch=True)
     #: Temp files older than this many seconds are left over by a killed writer and are
     #: deleted by :meth:`sweep` and :meth:`clear`.
     stale_temp_after: float = 600.0
