@@ -588,14 +588,9 @@ class FSDriver(Driver):
 
     def _unlink(self, dirs: Dirs, name: str) -> bool:
         """Delete a value (the caller holds its lock); True if it was live."""
-        found = self._open_value(dirs, name)
-        if found is None:
+        live = self._liveness(dirs, name)
+        if live is None:
             return False
-        fd = found[0]
-        try:
-            expires_at = parse_header(os.read(fd, HEADER.size))[1]
-        finally:
-            os.close(fd)
         try:
             try:
                 os.unlink(name, dir_fd=dirs.fd)
@@ -611,7 +606,7 @@ class FSDriver(Driver):
                 remove_dir(dirs.fd, name, marked_too=True)
         except FileNotFoundError:
             return False
-        return not is_expired(expires_at)
+        return live
 
     def _remove_one(self, key: str) -> bool:
         parts, name = file_path(key)
@@ -716,10 +711,11 @@ class FSDriver(Driver):
         except OSError:
             pass
 
-    def _live(self, dirs: Dirs, name: str) -> bool:
+    def _liveness(self, dirs: Dirs, name: str) -> bool | None:
+        """Whether the value is live (not expired); None when it is missing."""
         found = self._open_value(dirs, name)
         if found is None:
-            return False
+            return None
         fd = found[0]
         try:
             return not is_expired(parse_header(os.read(fd, HEADER.size))[1])
@@ -734,7 +730,7 @@ class FSDriver(Driver):
         def chunk() -> list[str]:
             keys = []
             for dirs, name, key, may_expire in walk:
-                if not may_expire or self._live(dirs, name):
+                if not may_expire or self._liveness(dirs, name):
                     keys.append(key)
                     if len(keys) >= _CHUNK:
                         break
@@ -753,7 +749,7 @@ class FSDriver(Driver):
             if only_expired and not may_expire:
                 continue
             with self._lock(key):
-                if only_expired and self._live(dirs, name):
+                if only_expired and self._liveness(dirs, name):
                     continue
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(name, dir_fd=dirs.fd)
@@ -786,7 +782,7 @@ class FSDriver(Driver):
             return [
                 key
                 for dirs, name, key, may_expire in self._walk(base, None, prune=False)
-                if not may_expire or self._live(dirs, name)
+                if not may_expire or self._liveness(dirs, name)
             ]
         except (OSError, DriverError):
             return []
