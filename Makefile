@@ -36,4 +36,4 @@ bench-readme: $(VENV)/.installed  ## rerun the full benchmark and refresh README
 
 reliability: $(VENV)/.installed  ## run the tests and regenerate RELIABILITY.md from their figures
 	KVSTORAGE_RELIABILITY_JSON=reliability.json $(PY) -m pytest $(PYTEST_ARGS)
-	$(PY) -m tests.reliability_report reliability.json
+	$(PY) -m tests.support.reliability_report reliability.json

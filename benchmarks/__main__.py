@@ -26,10 +26,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from kvstorage import Storage, create_storage
+from tests.support.servers import moto_server, redis_server
 
 from . import targets, unstorage
 from .report import pivot, ratio
-from .servers import moto_server, redis_server
 from .targets import Target
 from .workload import OPERATIONS, Row, best_rounds, run_scaling, run_workload
 

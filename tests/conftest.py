@@ -66,6 +66,6 @@ async def storage(make_driver: DriverFactory) -> AsyncIterator[Storage]:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    from .reliability import write_if_requested
+    from .support.reliability import write_if_requested
 
     write_if_requested()

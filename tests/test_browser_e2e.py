@@ -11,7 +11,7 @@ from kvstorage.drivers import MemoryDriver
 from sessions import CookieOptions, SessionManager
 
 from .backends import require_service
-from .sessions_support import serve
+from .support.sessions_support import serve
 
 pytestmark = pytest.mark.anyio
 

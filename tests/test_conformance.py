@@ -29,7 +29,7 @@ from kvstorage import (
 )
 
 from .backends import DriverFactory
-from .helpers import eventually, json_values
+from .support.helpers import eventually, json_values
 
 pytestmark = pytest.mark.anyio
 

@@ -22,8 +22,8 @@ import pytest
 from kvstorage import Driver, create_storage
 from kvstorage.drivers import FSDriver, SQLiteDriver
 
-from . import reliability
-from .children import read_lines, spawn
+from .support import reliability
+from .support.children import read_lines, spawn
 
 pytestmark = pytest.mark.anyio
 

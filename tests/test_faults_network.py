@@ -31,13 +31,13 @@ from redis.asyncio import Redis
 from kvstorage import DriverError, Storage, create_storage
 from kvstorage.drivers import RedisDriver
 
-from . import reliability
-from .backends.redis import RedisServer, unique_base
+from .backends.redis import unique_base
 from .backends.redis_cluster import NODES, RedisCluster, require_redis_cluster, start_cluster
 from .backends.s3 import REGION
-from .faults.http_proxy import HttpFaultProxy
-from .faults.tcp_proxy import Mode, TcpFaultProxy
-from .helpers import free_port
+from .support import reliability
+from .support.faults.http_proxy import HttpFaultProxy
+from .support.faults.tcp_proxy import Mode, TcpFaultProxy
+from .support.servers import RedisServer, free_port
 
 pytestmark = pytest.mark.anyio
 

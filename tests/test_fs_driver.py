@@ -28,9 +28,9 @@ from kvstorage import (
 )
 from kvstorage.drivers import FSDriver, from_url
 
-from . import reliability
-from .children import run_counters
-from .helpers import ROOT, eventually
+from .support import reliability
+from .support.children import run_counters
+from .support.helpers import ROOT, eventually
 
 pytestmark = pytest.mark.anyio
 

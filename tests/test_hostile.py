@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from kvstorage import InvalidKeyError, SerializationError, Storage, normalize_key
 
 from .backends import BackendSpec
-from .reliability import record
+from .support.reliability import record
 
 pytestmark = pytest.mark.anyio
 

@@ -17,8 +17,8 @@ import pytest
 from kvstorage import Storage
 
 from .backends import BackendSpec
-from .children import run_counters
-from .reliability import record
+from .support.children import run_counters
+from .support.reliability import record
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 

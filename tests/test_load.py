@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from .backends.redis import RedisServer
-from .helpers import ROOT, free_port
-from .load.generator import run_load
-from .reliability import record
+from .support.helpers import ROOT
+from .support.load.generator import run_load
+from .support.reliability import record
+from .support.servers import RedisServer, free_port
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -38,7 +38,7 @@ def serve(tmp_path: Path) -> Iterator[object]:
     def start(store_url: str) -> str:
         port = free_port()
         env = {**os.environ, "KVSTORAGE_URL": store_url}
-        args = [sys.executable, "-m", "uvicorn", "tests.load.app:app", "--workers", "4"]
+        args = [sys.executable, "-m", "uvicorn", "tests.support.load.app:app", "--workers", "4"]
         args += ["--port", str(port), "--host", "127.0.0.1", "--log-level", "warning"]
         log = (tmp_path / f"uvicorn-{port}.log").open("wb")
         process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=log)

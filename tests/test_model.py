@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from kvstorage import ConditionFailedError, Storage, create_storage, prefix_storage
 
 from .backends import BackendSpec, DriverFactory
-from .reliability import record
+from .support.reliability import record
 
 pytestmark = pytest.mark.anyio
 

@@ -17,10 +17,11 @@ from redis.crc import key_slot
 from kvstorage import DriverError, DriverUnavailableError, Storage, create_storage
 from kvstorage.drivers import RedisDriver, from_url
 
-from . import reliability
-from .backends.redis import RedisServer, unique_base
+from .backends.redis import unique_base
 from .backends.redis_cluster import RedisCluster as ClusterProcesses
-from .helpers import eventually, free_port
+from .support import reliability
+from .support.helpers import eventually
+from .support.servers import RedisServer, free_port
 
 pytestmark = pytest.mark.anyio
 

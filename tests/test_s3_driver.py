@@ -14,7 +14,8 @@ from kvstorage import ConditionFailedError, DriverError, DriverUnavailableError,
 from kvstorage.drivers import S3Driver, from_url
 
 from .backends.s3 import REGION
-from .helpers import eventually, free_port
+from .support.helpers import eventually
+from .support.servers import free_port
 
 pytestmark = pytest.mark.anyio
 

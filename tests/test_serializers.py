@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from kvstorage import JSONSerializer, SerializationError, TaggedSerializer, get_serializer
 
-from .helpers import json_values
+from .support.helpers import json_values
 
 json_ser = JSONSerializer()
 tagged = TaggedSerializer()

@@ -21,8 +21,9 @@ from kvstorage.drivers import MemoryDriver
 from sessions import CookieOptions, Session, SessionManager
 
 from .backends import DriverFactory
-from .helpers import eventually, free_port
-from .sessions_support import CountingDriver
+from .support.helpers import eventually
+from .support.servers import free_port
+from .support.sessions_support import CountingDriver
 
 pytestmark = pytest.mark.anyio
 

@@ -21,8 +21,8 @@ from kvstorage import Storage, create_storage
 from kvstorage.drivers import MemoryDriver
 from sessions import SessionManager
 
-from .reliability import record
-from .sessions_support import CountingDriver, make_app
+from .support.reliability import record
+from .support.sessions_support import CountingDriver, make_app
 
 pytestmark = pytest.mark.anyio
 

@@ -21,8 +21,8 @@ from sessions import (
 )
 
 from .backends import DriverFactory
-from .helpers import eventually
-from .sessions_support import CountingDriver, Gate, make_app, serve
+from .support.helpers import eventually
+from .support.sessions_support import CountingDriver, Gate, make_app, serve
 
 pytestmark = pytest.mark.anyio
 

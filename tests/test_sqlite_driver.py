@@ -26,9 +26,9 @@ from kvstorage import (
 from kvstorage.drivers import SQLiteDriver, from_url
 from kvstorage.drivers.sqlite import SCHEMA_VERSION
 
-from . import reliability
-from .children import read_lines, run_counters, spawn
-from .helpers import ROOT, eventually
+from .support import reliability
+from .support.children import read_lines, run_counters, spawn
+from .support.helpers import ROOT, eventually
 
 pytestmark = pytest.mark.anyio
 

@@ -24,7 +24,7 @@ from kvstorage import Driver, Storage, create_storage, prefix_storage
 from kvstorage.drivers import FSDriver, MemoryDriver, RedisDriver, S3Driver, SQLiteDriver
 
 from .backends.s3 import REGION
-from .reliability import record
+from .support.reliability import record
 from .test_model import LONG, Model, apply, check, operations
 
 DRIVERS = ["memory", "fs", "sqlite", "redis", "s3"]

@@ -23,7 +23,7 @@ from kvstorage import (
 from kvstorage.drivers import MemoryDriver, from_url
 from kvstorage.drivers.base import require_asyncio
 
-from .helpers import eventually
+from .support.helpers import eventually
 
 pytestmark = pytest.mark.anyio
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from ..helpers import free_port
+from ..support.servers import RedisServer, free_port
 from . import DriverFactory, require_service
-from .redis import RedisServer, drivers_at, require_redis
+from .redis import drivers_at, require_redis
 
 NODES = 3
 

@@ -1,13 +1,12 @@
 """Factory of S3Driver instances for the conformance suite, against moto's S3 server.
 
-One ``ThreadedMotoServer`` per test session on a free loopback port (real HTTP, real
-request signing); every test gets a fresh bucket and every driver its own prefix in it.
+One moto server (``tests.support.servers``) per test session on a free loopback port
+(real HTTP, real request signing); every test gets a fresh bucket and every driver its
+own prefix in it.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -15,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from ..helpers import free_port
+from ..support.servers import moto_server
 from . import DriverFactory, require_service
 
 CREDENTIALS = {
@@ -32,28 +31,19 @@ _session: Any = None
 def s3_endpoint() -> Iterator[str]:
     """URL of a moto S3 server running for the whole session (dummy credentials set in
     the environment meanwhile)."""
-    available = importlib.util.find_spec("moto") is not None
-    require_service(available, "moto (pip install 'moto[server]')")
-    from moto.server import ThreadedMotoServer
-
-    saved = {name: os.environ.get(name) for name in CREDENTIALS}
-    os.environ.update(CREDENTIALS)
-    werkzeug = logging.getLogger("werkzeug")
-    level = werkzeug.level
-    werkzeug.setLevel(logging.ERROR)  # one access-log line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
-        werkzeug.setLevel(level)
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    with moto_server() as endpoint:
+        require_service(endpoint is not None, "moto (pip install 'moto[server]')")
+        assert endpoint is not None
+        saved = {name: os.environ.get(name) for name in CREDENTIALS}
+        os.environ.update(CREDENTIALS)
+        try:
+            yield endpoint
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 @pytest.fixture

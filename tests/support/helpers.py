@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -10,27 +9,7 @@ import anyio
 from hypothesis import strategies as st
 
 #: The project's root directory (the working directory of child processes).
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port(*, with_bus: bool = False) -> int:
-    """A free loopback port (and, with ``with_bus``, port + 10000 free too, for the
-    cluster bus)."""
-    for _ in range(100):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port: int = sock.getsockname()[1]
-        if not with_bus:
-            return port
-        if port + 10000 > 65535:
-            continue
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port found")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 async def eventually(

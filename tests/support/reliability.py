@@ -1,7 +1,7 @@
 """Figures the reliability tests measure, collected for RELIABILITY.md.
 
 Tests call :func:`record`; when ``KVSTORAGE_RELIABILITY_JSON`` names a file, the figures
-are written there at the end of the run and ``python -m tests.reliability_report FILE``
+are written there at the end of the run and ``python -m tests.support.reliability_report FILE``
 turns them into RELIABILITY.md (``make reliability`` does both). Every number in that file
 therefore comes from a test run, never from a hand.
 """

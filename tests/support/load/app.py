@@ -1,7 +1,7 @@
 """The load-test app: every request increments a counter kept in the client's session.
 
 Run under several uvicorn workers sharing one store named by ``KVSTORAGE_URL``:
-``KVSTORAGE_URL=sqlite:///load.db uvicorn tests.load.app:app --workers 4``.
+``KVSTORAGE_URL=sqlite:///load.db uvicorn tests.support.load.app:app --workers 4``.
 """
 
 from __future__ import annotations

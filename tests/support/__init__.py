@@ -1,0 +1,2 @@
+"""What the tests share and are not tests themselves: helpers, child processes, fault
+proxies, the load generator, throwaway servers and the reliability report."""
