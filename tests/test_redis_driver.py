@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -224,6 +225,12 @@ def test_url_forms_choose_the_client() -> None:
     kwargs = client.startup_nodes[0].connection_kwargs
     assert kwargs["password"] == "p" and kwargs["socket_timeout"] == 2.0
     assert RedisDriver("redis://127.0.0.1:1/0", cluster=True)._open().__class__ is RedisCluster
+    portless = RedisDriver("redis+cluster://127.0.0.1,127.0.0.2")._open()
+    assert isinstance(portless, RedisCluster)
+    assert sorted((n.host, n.port) for n in portless.startup_nodes) == [
+        ("127.0.0.1", 6379),
+        ("127.0.0.2", 6379),
+    ]
 
 
 async def test_cluster_batches_across_slots(redis_cluster: ClusterProcesses) -> None:
@@ -403,14 +410,23 @@ async def test_watch_needs_keyspace_events(redis_server: RedisServer, raw: Redis
         await raw.config_set("notify-keyspace-events", flags)
 
 
-async def test_watch_with_config_disabled_trusts_the_server(tmp_path: Path) -> None:
+async def test_watch_with_config_disabled_trusts_the_server(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     args = ("--rename-command", "CONFIG", "", "--notify-keyspace-events", "KEA")
+    # a user with a password: the warning about CONFIG must not show it
+    args += ("--user", "alice", "on", ">s3cret", "~*", "&*", "+@all")
     server = RedisServer(free_port(), tmp_path / "noconfig", args)
     server.start()
-    store = create_storage(RedisDriver(server.url, base="app"))
+    url = f"redis://alice:s3cret@127.0.0.1:{server.port}/0"
+    store = create_storage(RedisDriver(url, base="app"))
     events: list[tuple[str, str]] = []
     try:
-        await store.watch(lambda event, key: events.append((event, key)))
+        with caplog.at_level(logging.WARNING, logger="kvstorage"):
+            await store.watch(lambda event, key: events.append((event, key)))
+        warnings = [r.getMessage() for r in caplog.records if "notify-keyspace" in r.message]
+        assert len(warnings) == 1
+        _assert_redacted(warnings[0])
         await store.set_item("k", 1)
         await eventually(lambda: _contains(events, ("update", "k")))
     finally:
@@ -498,3 +514,53 @@ def test_commands_are_packed_as_redis_py_packs_them(args: list[str | bytes | int
     except UnicodeEncodeError:  # lone surrogates: keys never hold them (InvalidKeyError)
         return
     assert b"".join(_resp(command)) == expected
+
+
+# -- secrets in URLs ----------------------------------------------------------------------
+
+_SECRET_URLS = [
+    "redis://:s3cret@127.0.0.1:{port}/0",
+    "redis://user:s3cret@127.0.0.1:{port}/0",
+    "redis://127.0.0.1:{port}/0?password=s3cret",
+    "redis+cluster://:s3cret@127.0.0.1:{port},127.0.0.1:{port}",
+]
+
+
+def _assert_redacted(text: str) -> None:
+    assert "s3cret" not in text, text
+    assert "***" in text, text
+
+
+@pytest.mark.parametrize("url", _SECRET_URLS)
+def test_repr_hides_the_password(url: str) -> None:
+    port = free_port()
+    text = repr(RedisDriver(url.format(port=port)))
+    _assert_redacted(text)
+    assert f"127.0.0.1:{port}" in text
+
+
+@pytest.mark.parametrize("url", _SECRET_URLS)
+async def test_unreachable_error_hides_the_password(url: str) -> None:
+    port = free_port()  # closed: nothing listens there
+    store = create_storage(RedisDriver(url.format(port=port), timeout=1))
+    try:
+        with pytest.raises(DriverUnavailableError, match=f"127.0.0.1:{port}") as caught:
+            await store.get_item("k")
+        _assert_redacted(str(caught.value))
+    finally:
+        await store.dispose()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://:s3cret@127.0.0.1:6379/0",  # not a redis scheme
+        "redis://user:s3cret@127.0.0.1:6379/zero",  # database not a number
+        "rediss://:s3cret@127.0.0.1:port/0",  # port not a number
+        "redis+cluster://:s3cret@127.0.0.1:6379,127.0.0.1:two",  # cluster port
+    ],
+)
+def test_bad_url_errors_hide_the_password(url: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        RedisDriver(url)
+    _assert_redacted(str(caught.value))

@@ -59,7 +59,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any, Literal, cast
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
@@ -80,6 +80,7 @@ from redis.exceptions import (
 
 from ..errors import ConditionFailedError, DriverError, DriverUnavailableError
 from ..keys import normalize_base
+from ..urls import redact_url
 from .base import (
     Capabilities,
     Driver,
@@ -261,6 +262,29 @@ async def _round_trip(client: Redis, packed: list[bytes], *, resend: bool) -> An
         await pool.release(connection)
 
 
+def _check_url(parts: SplitResult, shown: str) -> list[tuple[str, int]]:
+    """Check the ports and database number of a redis URL (redis-py would ignore a bad
+    database number and fail on a bad port only at the first call); ValueError showing
+    the URL as ``shown`` (redacted). Returns the ``(host, port)`` of each node of a
+    ``redis+cluster://`` URL, ``[]`` for the other schemes."""
+    scheme = parts.scheme.lower()
+    try:
+        if scheme == "redis+cluster":
+            nodes = []
+            for address in parts.netloc.rpartition("@")[2].split(","):
+                host, colon, port = address.rpartition(":")
+                if not colon:  # no port
+                    host, port = address, ""
+                nodes.append((host or "127.0.0.1", int(port or 6379)))
+            return nodes
+        if scheme in {"redis", "rediss"}:  # as redis-py reads them
+            int(parts.port or 0)
+            int(unquote(parts.path).replace("/", "") or 0)
+    except ValueError:
+        raise ValueError(f"bad port or database number in redis URL {shown!r}") from None
+    return []
+
+
 def _glob_escape(text: str) -> str:
     """Escape the characters that are special in Redis glob patterns (MATCH, PSUBSCRIBE)."""
     for char in "\\*?[]":
@@ -322,11 +346,13 @@ class RedisDriver(Driver):
                 base = value
         query = [(name, value) for name, value in query if name != "base"]
         self._url = urlunsplit(parts._replace(query=urlencode(query)))
+        self._shown = redact_url(self._url)  # for repr, errors and logs
         scheme = parts.scheme.lower()
         if scheme == "redis+cluster":
             cluster = True
         elif client is None and scheme not in {"redis", "rediss", "unix"}:
-            raise ValueError(f"not a redis URL: {url!r}")
+            raise ValueError(f"not a redis URL: {redact_url(url)!r}")
+        self._nodes = _check_url(parts, self._shown)
         if client is not None:
             cluster = isinstance(client, RedisCluster)
             if client.get_encoder().decode_responses:
@@ -355,12 +381,7 @@ class RedisDriver(Driver):
         return cls(url)
 
     def __repr__(self) -> str:
-        if self._given is not None:
-            where = repr(self._given)
-        else:
-            parts = urlsplit(self._url)
-            host = parts.netloc.rpartition("@")[2]
-            where = urlunsplit(parts._replace(netloc=host))
+        where = self._shown if self._given is None else repr(self._given)
         return f"RedisDriver({where!r}, base={self.base!r})"
 
     # -- connection -----------------------------------------------------------------------
@@ -411,14 +432,13 @@ class RedisDriver(Driver):
         for name in ("host", "port", "db"):
             parsed.pop(name, None)
         options = {**options, **parsed}  # as in redis-py, the URL wins
-        nodes = []
-        for address in hosts.split(","):
-            host, _, port = address.rpartition(":")
-            nodes.append(ClusterNode(host or "127.0.0.1", int(port or 6379)))
+        nodes = [ClusterNode(host, port) for host, port in self._nodes]
         return RedisCluster(startup_nodes=nodes, **options)
 
     def _where(self) -> str:
-        client = self._client or self._given
+        """The server(s) for messages: the URL with its secrets redacted, or the address of
+        a given client (redis-py keeps its password out of it)."""
+        client = self._given
         if isinstance(client, RedisCluster):
             nodes = client.get_nodes() or client.startup_nodes or []
             return "redis cluster " + ",".join(f"{n.host}:{n.port}" for n in nodes)
@@ -427,7 +447,7 @@ class RedisDriver(Driver):
             if "path" in kwargs:
                 return f"redis at unix:{kwargs['path']}"
             return f"redis at {kwargs.get('host')}:{kwargs.get('port')}/{kwargs.get('db', 0)}"
-        return "redis " + repr(self)
+        return f"redis at {self._shown}"
 
     async def _call(self, client: AnyRedis, *command: Any) -> Any:
         """Run ``command`` with the client's retry: routed by redis-py on a cluster, packed
