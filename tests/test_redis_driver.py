@@ -171,8 +171,28 @@ async def test_values_not_written_by_kvstorage_are_reported(
         await store.get_item("foreign")
     with pytest.raises(DriverError, match="not written by kvstorage"):
         await store.get_items(["missing", "foreign"])
-    assert await store.touch("foreign", ttl=10) is False
     assert await raw.get(base + ":foreign") == b"plain"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"plain", b"x" * 100, b"KVS\x01" + b"y" * 10, b""],
+    ids=["short", "header-sized", "magic-but-short", "empty"],
+)
+async def test_touch_treats_foreign_values_as_get_does(
+    raw: Redis, base: str, store: Storage, value: bytes
+) -> None:
+    name = base + ":foreign"
+    await raw.set(name, value)
+    with pytest.raises(DriverError, match="not written by kvstorage") as read:
+        await store.get_item("foreign")
+    for ttl in (10, None):
+        with pytest.raises(DriverError, match="not written by kvstorage") as touched:
+            await store.touch("foreign", ttl=ttl)
+        assert str(touched.value) == str(read.value)
+        assert await raw.get(name) == value  # neither rewritten nor expiring
+        assert await raw.pttl(name) == -1
+    assert await store.touch("missing", ttl=10) is False
 
 
 async def test_given_client_is_used_and_not_closed(redis_server: RedisServer) -> None:

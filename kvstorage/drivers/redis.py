@@ -17,7 +17,8 @@ trips as a bare client. Only ``if_match`` writes (a Lua script comparing the fir
 bytes), ``touch`` (a script rewriting the expiry field in place with ``SETRANGE`` and
 calling ``PEXPIREAT`` / ``PERSIST``) and ``head`` (a script reading header and length) run
 scripts, with ``EVALSHA`` and an ``EVAL`` fallback. ``if_absent`` is ``SET NX``. Values
-written by other tools under ``base`` (without the header) raise ``DriverError`` when read.
+written by other tools under ``base`` (without the header) raise ``DriverError`` when read
+or touched, and are left as they are.
 Conditional writes are never resent by redis-py's retry after a broken connection (the
 first may have been applied; see ``RedisDriver._once``). ``GET``, ``SET`` and ``MGET`` on a
 single server are packed by the driver (:func:`_resp`, cheaper than redis-py's generic
@@ -141,7 +142,11 @@ return 1
 )
 _TOUCH = _Script(
     f"""
-if redis.call('STRLEN', KEYS[1]) < {_HEADER_SIZE} then return 0 end
+local header = redis.call('GETRANGE', KEYS[1], 0, {_HEADER_SIZE - 1})
+if #header < {_HEADER_SIZE} or string.sub(header, 1, {len(_MAGIC)}) ~= ARGV[3] then
+  if header == '' and redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+  return -1
+end
 redis.call('SETRANGE', KEYS[1], 24, ARGV[1])
 if ARGV[2] == '0' then
   redis.call('PERSIST', KEYS[1])
@@ -611,9 +616,12 @@ class RedisDriver(Driver):
                 self._ns + key,
                 expiry,
                 _pxat(expires_at) or 0,
+                _MAGIC,
             )
         except _UNREACHABLE as exc:
             raise self._unavailable(exc) from exc
+        if done < 0:  # left untouched, as get reports it
+            raise self._foreign(key)
         return bool(done)
 
     # -- batches --------------------------------------------------------------------------
