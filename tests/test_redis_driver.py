@@ -17,6 +17,7 @@ from redis.crc import key_slot
 
 from kvstorage import DriverError, DriverUnavailableError, Storage, create_storage
 from kvstorage.drivers import RedisDriver, from_url
+from kvstorage.drivers._redis_wire import glob_escape, pack_command
 
 from . import reliability
 from .backends.redis import RedisServer, unique_base
@@ -114,10 +115,8 @@ async def _contains(events: list[tuple[str, str]], event: tuple[str, str]) -> bo
 
 
 def test_glob_escape() -> None:
-    from kvstorage.drivers.redis import _glob_escape
-
-    assert _glob_escape("a*b?c[d]e\\f") == "a\\*b\\?c\\[d\\]e\\\\f"
-    assert _glob_escape("plain:key") == "plain:key"
+    assert glob_escape("a*b?c[d]e\\f") == "a\\*b\\?c\\[d\\]e\\\\f"
+    assert glob_escape("plain:key") == "plain:key"
 
 
 async def test_etag_survives_other_writers_and_if_match(redis_server: RedisServer) -> None:
@@ -526,14 +525,12 @@ async def test_values_around_the_inline_argument_size(store: Storage) -> None:
 def test_commands_are_packed_as_redis_py_packs_them(args: list[str | bytes | int]) -> None:
     from redis.asyncio.connection import Connection
 
-    from kvstorage.drivers.redis import _resp
-
     command = ["MGET", *args]
     try:
         expected = b"".join(Connection().pack_command(*command))
     except UnicodeEncodeError:  # lone surrogates: keys never hold them (InvalidKeyError)
         return
-    assert b"".join(_resp(command)) == expected
+    assert b"".join(pack_command(command)) == expected
 
 
 # -- secrets in URLs ----------------------------------------------------------------------
