@@ -104,22 +104,31 @@ class ReadBatcher:
         self._batch: tuple[list[str], list[asyncio.Future[bytes | None]]] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def read(self, name: str) -> bytes | None:
-        """The value at ``name`` (None when missing), read alone or in a batch."""
+    def read(self, name: str) -> Awaitable[bytes | None]:
+        """The value at ``name`` (None when missing), read alone or in a batch; await it
+        at once.
+
+        A plain function returning the batch's future or the single read, not a coroutine
+        of its own: with a hundred reads in flight, one more object per read would trigger
+        a garbage collection per batch (measured: a third slower).
+        """
         if self._on_the_wire:
-            return await self._join(name)
-        self._on_the_wire += 1
-        try:
-            return await self._read_one(name)
-        finally:
-            self._on_the_wire -= 1
+            return self._join(name)
+        return self._read_alone(name)
 
     def cancel(self) -> None:
         """Cancel the batches still on the wire (their readers see the cancellation)."""
         for task in list(self._tasks):
             task.cancel()
 
-    async def _join(self, name: str) -> bytes | None:
+    async def _read_alone(self, name: str) -> bytes | None:
+        self._on_the_wire += 1
+        try:
+            return await self._read_one(name)
+        finally:
+            self._on_the_wire -= 1
+
+    def _join(self, name: str) -> asyncio.Future[bytes | None]:
         """Add ``name`` to the batch of this loop tick, sent when the loop gets to it."""
         loop = asyncio.get_running_loop()
         if self._batch is None:
@@ -128,7 +137,7 @@ class ReadBatcher:
         future: asyncio.Future[bytes | None] = loop.create_future()
         self._batch[0].append(name)
         self._batch[1].append(future)
-        return await future
+        return future
 
     def _flush(self) -> None:
         batch, self._batch = self._batch, None
