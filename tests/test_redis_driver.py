@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from redis.crc import key_slot
 
 from kvstorage import DriverError, DriverUnavailableError, Storage, create_storage
 from kvstorage.drivers import RedisDriver, from_url
+from kvstorage.drivers._redis_wire import glob_escape, pack_command
 
 from .backends.redis import unique_base
 from .backends.redis_cluster import RedisCluster as ClusterProcesses
@@ -114,10 +116,8 @@ async def _contains(events: list[tuple[str, str]], event: tuple[str, str]) -> bo
 
 
 def test_glob_escape() -> None:
-    from kvstorage.drivers.redis import _glob_escape
-
-    assert _glob_escape("a*b?c[d]e\\f") == "a\\*b\\?c\\[d\\]e\\\\f"
-    assert _glob_escape("plain:key") == "plain:key"
+    assert glob_escape("a*b?c[d]e\\f") == "a\\*b\\?c\\[d\\]e\\\\f"
+    assert glob_escape("plain:key") == "plain:key"
 
 
 async def test_etag_survives_other_writers_and_if_match(redis_server: RedisServer) -> None:
@@ -171,8 +171,28 @@ async def test_values_not_written_by_kvstorage_are_reported(
         await store.get_item("foreign")
     with pytest.raises(DriverError, match="not written by kvstorage"):
         await store.get_items(["missing", "foreign"])
-    assert await store.touch("foreign", ttl=10) is False
     assert await raw.get(base + ":foreign") == b"plain"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"plain", b"x" * 100, b"KVS\x01" + b"y" * 10, b""],
+    ids=["short", "header-sized", "magic-but-short", "empty"],
+)
+async def test_touch_treats_foreign_values_as_get_does(
+    raw: Redis, base: str, store: Storage, value: bytes
+) -> None:
+    name = base + ":foreign"
+    await raw.set(name, value)
+    with pytest.raises(DriverError, match="not written by kvstorage") as read:
+        await store.get_item("foreign")
+    for ttl in (10, None):
+        with pytest.raises(DriverError, match="not written by kvstorage") as touched:
+            await store.touch("foreign", ttl=ttl)
+        assert str(touched.value) == str(read.value)
+        assert await raw.get(name) == value  # neither rewritten nor expiring
+        assert await raw.pttl(name) == -1
+    assert await store.touch("missing", ttl=10) is False
 
 
 async def test_given_client_is_used_and_not_closed(redis_server: RedisServer) -> None:
@@ -225,6 +245,12 @@ def test_url_forms_choose_the_client() -> None:
     kwargs = client.startup_nodes[0].connection_kwargs
     assert kwargs["password"] == "p" and kwargs["socket_timeout"] == 2.0
     assert RedisDriver("redis://127.0.0.1:1/0", cluster=True)._open().__class__ is RedisCluster
+    portless = RedisDriver("redis+cluster://127.0.0.1,127.0.0.2")._open()
+    assert isinstance(portless, RedisCluster)
+    assert sorted((n.host, n.port) for n in portless.startup_nodes) == [
+        ("127.0.0.1", 6379),
+        ("127.0.0.2", 6379),
+    ]
 
 
 async def test_cluster_batches_across_slots(redis_cluster: ClusterProcesses) -> None:
@@ -404,14 +430,23 @@ async def test_watch_needs_keyspace_events(redis_server: RedisServer, raw: Redis
         await raw.config_set("notify-keyspace-events", flags)
 
 
-async def test_watch_with_config_disabled_trusts_the_server(tmp_path: Path) -> None:
+async def test_watch_with_config_disabled_trusts_the_server(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     args = ("--rename-command", "CONFIG", "", "--notify-keyspace-events", "KEA")
+    # a user with a password: the warning about CONFIG must not show it
+    args += ("--user", "alice", "on", ">s3cret", "~*", "&*", "+@all")
     server = RedisServer(free_port(), tmp_path / "noconfig", args)
     server.start()
-    store = create_storage(RedisDriver(server.url, base="app"))
+    url = f"redis://alice:s3cret@127.0.0.1:{server.port}/0"
+    store = create_storage(RedisDriver(url, base="app"))
     events: list[tuple[str, str]] = []
     try:
-        await store.watch(lambda event, key: events.append((event, key)))
+        with caplog.at_level(logging.WARNING, logger="kvstorage"):
+            await store.watch(lambda event, key: events.append((event, key)))
+        warnings = [r.getMessage() for r in caplog.records if "notify-keyspace" in r.message]
+        assert len(warnings) == 1
+        _assert_redacted(warnings[0])
         await store.set_item("k", 1)
         await eventually(lambda: _contains(events, ("update", "k")))
     finally:
@@ -491,11 +526,59 @@ async def test_values_around_the_inline_argument_size(store: Storage) -> None:
 def test_commands_are_packed_as_redis_py_packs_them(args: list[str | bytes | int]) -> None:
     from redis.asyncio.connection import Connection
 
-    from kvstorage.drivers.redis import _resp
-
     command = ["MGET", *args]
     try:
         expected = b"".join(Connection().pack_command(*command))
     except UnicodeEncodeError:  # lone surrogates: keys never hold them (InvalidKeyError)
         return
-    assert b"".join(_resp(command)) == expected
+    assert b"".join(pack_command(command)) == expected
+
+
+# -- secrets in URLs ----------------------------------------------------------------------
+
+_SECRET_URLS = [
+    "redis://:s3cret@127.0.0.1:{port}/0",
+    "redis://user:s3cret@127.0.0.1:{port}/0",
+    "redis://127.0.0.1:{port}/0?password=s3cret",
+    "redis+cluster://:s3cret@127.0.0.1:{port},127.0.0.1:{port}",
+]
+
+
+def _assert_redacted(text: str) -> None:
+    assert "s3cret" not in text, text
+    assert "***" in text, text
+
+
+@pytest.mark.parametrize("url", _SECRET_URLS)
+def test_repr_hides_the_password(url: str) -> None:
+    port = free_port()
+    text = repr(RedisDriver(url.format(port=port)))
+    _assert_redacted(text)
+    assert f"127.0.0.1:{port}" in text
+
+
+@pytest.mark.parametrize("url", _SECRET_URLS)
+async def test_unreachable_error_hides_the_password(url: str) -> None:
+    port = free_port()  # closed: nothing listens there
+    store = create_storage(RedisDriver(url.format(port=port), timeout=1))
+    try:
+        with pytest.raises(DriverUnavailableError, match=f"127.0.0.1:{port}") as caught:
+            await store.get_item("k")
+        _assert_redacted(str(caught.value))
+    finally:
+        await store.dispose()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://:s3cret@127.0.0.1:6379/0",  # not a redis scheme
+        "redis://user:s3cret@127.0.0.1:6379/zero",  # database not a number
+        "rediss://:s3cret@127.0.0.1:port/0",  # port not a number
+        "redis+cluster://:s3cret@127.0.0.1:6379,127.0.0.1:two",  # cluster port
+    ],
+)
+def test_bad_url_errors_hide_the_password(url: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        RedisDriver(url)
+    _assert_redacted(str(caught.value))

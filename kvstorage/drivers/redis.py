@@ -17,11 +17,12 @@ trips as a bare client. Only ``if_match`` writes (a Lua script comparing the fir
 bytes), ``touch`` (a script rewriting the expiry field in place with ``SETRANGE`` and
 calling ``PEXPIREAT`` / ``PERSIST``) and ``head`` (a script reading header and length) run
 scripts, with ``EVALSHA`` and an ``EVAL`` fallback. ``if_absent`` is ``SET NX``. Values
-written by other tools under ``base`` (without the header) raise ``DriverError`` when read.
+written by other tools under ``base`` (without the header) raise ``DriverError`` when read
+or touched, and are left as they are.
 Conditional writes are never resent by redis-py's retry after a broken connection (the
 first may have been applied; see ``RedisDriver._once``). ``GET``, ``SET`` and ``MGET`` on a
-single server are packed by the driver (:func:`_resp`, cheaper than redis-py's generic
-packing) and sent on the client's own pool with its retry.
+single server are packed by the driver (``_redis_wire.pack_command``, cheaper than redis-py's
+generic packing) and sent on the client's own pool with its retry.
 
 Expiry is an absolute time (``PXAT``, rounded down to the millisecond), so Redis drops a key
 no later than the header says; this needs Redis 6.2+ and clocks on clients and server that
@@ -41,9 +42,15 @@ declare native watching: the storage reports the changes made through it.
 
 Concurrency
 -----------
-Concurrent ``get`` calls are auto-pipelined: while one read is on the wire, the reads issued
-meanwhile are collected for one event-loop tick and sent as a single ``MGET`` instead of
-taking a pool connection and a round trip each.
+Concurrent ``get`` calls are auto-pipelined (``_redis_wire.ReadBatcher``): while one read is
+on the wire, the reads issued meanwhile are collected for one event-loop tick and sent as a
+single ``MGET`` instead of taking a pool connection and a round trip each.
+
+Errors
+------
+A server that is down, unreachable or hung raises ``DriverUnavailableError`` naming it by
+the URL with its secrets redacted (or by the address of a given client); every call
+translates them through one context manager, ``_Unreachable``.
 """
 
 from __future__ import annotations
@@ -58,8 +65,9 @@ import struct
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from functools import partial
+from types import TracebackType
 from typing import Any, Literal, cast
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
@@ -80,6 +88,8 @@ from redis.exceptions import (
 
 from ..errors import ConditionFailedError, DriverError, DriverUnavailableError
 from ..keys import normalize_base
+from ..urls import redact_url
+from ._redis_wire import ReadBatcher, glob_escape, round_trip
 from .base import (
     Capabilities,
     Driver,
@@ -103,7 +113,6 @@ _EXPIRY = struct.Struct("<d")
 _random_bits = random.getrandbits
 _UNREACHABLE = (ConnectionError, TimeoutError, ClusterDownError, OSError)
 _SCAN_COUNT = 1000
-_INLINE = 4096  # command arguments up to this size are copied into one buffer
 #: Keyspace events a watcher needs: K keyspace channel, g generic (del), $ strings (set),
 #: x expired, e evicted.
 _NOTIFY_FLAGS = "Kg$xe"
@@ -140,7 +149,11 @@ return 1
 )
 _TOUCH = _Script(
     f"""
-if redis.call('STRLEN', KEYS[1]) < {_HEADER_SIZE} then return 0 end
+local header = redis.call('GETRANGE', KEYS[1], 0, {_HEADER_SIZE - 1})
+if #header < {_HEADER_SIZE} or string.sub(header, 1, {len(_MAGIC)}) ~= ARGV[3] then
+  if header == '' and redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+  return -1
+end
 redis.call('SETRANGE', KEYS[1], 24, ARGV[1])
 if ARGV[2] == '0' then
   redis.call('PERSIST', KEYS[1])
@@ -209,63 +222,62 @@ def _token(etag: str) -> bytes | None:
     return _MAGIC + raw if len(raw) == 12 else None
 
 
-def _resp(command: Sequence[bytes | str | int]) -> list[bytes]:
-    """``command`` in the Redis protocol, for ``send_packed_command``.
-
-    redis-py's own packing of a 100-key ``MGET`` costs about as much CPU as the rest of
-    the call: it checks and encodes every argument through several layers. Commands of
-    ASCII strings only (``GET``, ``MGET``) are formatted as one text and encoded once;
-    otherwise values over a few KiB stay separate buffers (no copy).
-    """
-    if set(map(type, command)) == {str}:
-        args = cast("Sequence[str]", command)
-        text = "".join([f"*{len(args)}\r\n", *[f"${len(a)}\r\n{a}\r\n" for a in args]])
-        data = text.encode()
-        if len(data) == len(text):  # ASCII: the lengths counted characters = bytes
-            return [data]
-    packed = [b"*%d\r\n" % len(command)]
-    for arg in command:
-        data = arg if type(arg) is bytes else str(arg).encode()
-        if len(data) > _INLINE:
-            packed += (b"$%d\r\n" % len(data), data, b"\r\n")
-        else:
-            packed.append(b"$%d\r\n%b\r\n" % (len(data), data))
-    return packed
-
-
-async def _round_trip(client: Redis, packed: list[bytes], *, resend: bool) -> Any:
-    """Send a command packed by :func:`_resp` on a pooled connection and read its reply.
-
-    With ``resend`` (reads), a broken connection is retried as the client's own
-    commands are (its ``retry``); without, it raises.
-    """
-    pool = client.connection_pool
-    connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-
-    async def attempt() -> Any:
-        await connection.send_packed_command(packed)
-        return await connection.read_response()
-
+def _check_url(parts: SplitResult, shown: str) -> list[tuple[str, int]]:
+    """Check the ports and database number of a redis URL (redis-py would ignore a bad
+    database number and fail on a bad port only at the first call); ValueError showing
+    the URL as ``shown`` (redacted). Returns the ``(host, port)`` of each node of a
+    ``redis+cluster://`` URL, ``[]`` for the other schemes."""
+    scheme = parts.scheme.lower()
     try:
-        if resend:
-            return await connection.retry.call_with_retry(
-                attempt, lambda _: connection.disconnect()
-            )
-        return await attempt()
-    except ResponseError:
-        raise
-    except BaseException:
-        await connection.disconnect()  # the reply may still come: never reuse it
-        raise
-    finally:
-        await pool.release(connection)
+        if scheme == "redis+cluster":
+            nodes = []
+            for address in parts.netloc.rpartition("@")[2].split(","):
+                host, colon, port = address.rpartition(":")
+                if not colon:  # no port
+                    host, port = address, ""
+                nodes.append((host or "127.0.0.1", int(port or 6379)))
+            return nodes
+        if scheme in {"redis", "rediss"}:  # as redis-py reads them
+            int(parts.port or 0)
+            int(unquote(parts.path).replace("/", "") or 0)
+    except ValueError:
+        raise ValueError(f"bad port or database number in redis URL {shown!r}") from None
+    return []
 
 
-def _glob_escape(text: str) -> str:
-    """Escape the characters that are special in Redis glob patterns (MATCH, PSUBSCRIBE)."""
-    for char in "\\*?[]":
-        text = text.replace(char, "\\" + char)
-    return text
+class _Unreachable:
+    """Context manager: a connection failure (one of ``errors``) raised inside becomes
+    :class:`~kvstorage.errors.DriverUnavailableError` naming the server as ``where()``
+    shows it (never a password). One instance per driver, reused by every call."""
+
+    __slots__ = ("_driver", "_errors", "_where")
+
+    def __init__(
+        self,
+        where: Callable[[], str],
+        driver: str,
+        errors: tuple[type[BaseException], ...] = _UNREACHABLE,
+    ) -> None:
+        self._where = where
+        self._driver = driver
+        self._errors = errors
+
+    def including(self, *errors: type[BaseException]) -> _Unreachable:
+        """The same, translating ``errors`` too."""
+        return _Unreachable(self._where, self._driver, (*self._errors, *errors))
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if isinstance(exc, self._errors):
+            message = f"cannot reach {self._where()}: {exc}"
+            raise DriverUnavailableError(message, driver=self._driver) from exc
 
 
 class RedisDriver(Driver):
@@ -324,11 +336,13 @@ class RedisDriver(Driver):
                 base = value
         query = [(name, value) for name, value in query if name != "base"]
         self._url = urlunsplit(parts._replace(query=urlencode(query)))
+        self._shown = redact_url(self._url)  # for repr, errors and logs
         scheme = parts.scheme.lower()
         if scheme == "redis+cluster":
             cluster = True
         elif client is None and scheme not in {"redis", "rediss", "unix"}:
-            raise ValueError(f"not a redis URL: {url!r}")
+            raise ValueError(f"not a redis URL: {redact_url(url)!r}")
+        self._nodes = _check_url(parts, self._shown)
         if client is not None:
             cluster = isinstance(client, RedisCluster)
             if client.get_encoder().decode_responses:
@@ -341,10 +355,8 @@ class RedisDriver(Driver):
         self._given = client
         self._client: AnyRedis | None = None
         self._lock: asyncio.Lock | None = None
-        # auto-pipelining of concurrent reads
-        self._reading = 0
-        self._batch: tuple[list[str], list[asyncio.Future[bytes | None]]] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._reads = ReadBatcher(self._get_one, self._mget)
+        self._unreachable = _Unreachable(self._where, self.name)
         self._watchers: set[Callable[[], Awaitable[None]]] = set()
         self.capabilities = Capabilities(
             ttl=True, watch=not cluster, conditions=True, asyncio_only=True
@@ -357,12 +369,7 @@ class RedisDriver(Driver):
         return cls(url)
 
     def __repr__(self) -> str:
-        if self._given is not None:
-            where = repr(self._given)
-        else:
-            parts = urlsplit(self._url)
-            host = parts.netloc.rpartition("@")[2]
-            where = urlunsplit(parts._replace(netloc=host))
+        where = self._shown if self._given is None else repr(self._given)
         return f"RedisDriver({where!r}, base={self.base!r})"
 
     # -- connection -----------------------------------------------------------------------
@@ -377,10 +384,9 @@ class RedisDriver(Driver):
             if self._client is None:
                 client = self._given or self._open()
                 if isinstance(client, RedisCluster):
-                    try:
+                    # "cannot be connected" is a RedisClusterException
+                    with self._unreachable.including(RedisClusterException):
                         await client.initialize()
-                    except (RedisClusterException, *_UNREACHABLE) as exc:
-                        raise self._unavailable(exc) from exc
                 self._client = client
         return self._client
 
@@ -413,14 +419,13 @@ class RedisDriver(Driver):
         for name in ("host", "port", "db"):
             parsed.pop(name, None)
         options = {**options, **parsed}  # as in redis-py, the URL wins
-        nodes = []
-        for address in hosts.split(","):
-            host, _, port = address.rpartition(":")
-            nodes.append(ClusterNode(host or "127.0.0.1", int(port or 6379)))
+        nodes = [ClusterNode(host, port) for host, port in self._nodes]
         return RedisCluster(startup_nodes=nodes, **options)
 
     def _where(self) -> str:
-        client = self._client or self._given
+        """The server(s) for messages: the URL with its secrets redacted, or the address of
+        a given client (redis-py keeps its password out of it)."""
+        client = self._given
         if isinstance(client, RedisCluster):
             nodes = client.get_nodes() or client.startup_nodes or []
             return "redis cluster " + ",".join(f"{n.host}:{n.port}" for n in nodes)
@@ -429,14 +434,14 @@ class RedisDriver(Driver):
             if "path" in kwargs:
                 return f"redis at unix:{kwargs['path']}"
             return f"redis at {kwargs.get('host')}:{kwargs.get('port')}/{kwargs.get('db', 0)}"
-        return "redis " + repr(self)
+        return f"redis at {self._shown}"
 
     async def _call(self, client: AnyRedis, *command: Any) -> Any:
-        """Run ``command`` with the client's retry: routed by redis-py on a cluster, packed
-        by :func:`_resp` (cheaper than redis-py's generic path) on a single server."""
+        """Run ``command`` with the client's retry: routed by redis-py on a cluster, sent by
+        :func:`round_trip` (cheaper than redis-py's generic path) on a single server."""
         if isinstance(client, RedisCluster):
             return await client.execute_command(*command)
-        return await _round_trip(client, _resp(command), resend=True)
+        return await round_trip(client, command, resend=True)
 
     async def _once(self, client: AnyRedis, *command: Any) -> Any:
         """Send ``command`` and read its reply without redis-py's retry.
@@ -460,27 +465,13 @@ class RedisDriver(Driver):
                 # path has the client's retry: a connection lost during a slot migration
                 # could still resend the write -- a known gap, rare.)
                 return await client.execute_command(*command)
-        return await _round_trip(client, _resp(command), resend=False)
-
-    def _unavailable(self, exc: BaseException) -> DriverUnavailableError:
-        return DriverUnavailableError(f"cannot reach {self._where()}: {exc}", driver=self.name)
+        return await round_trip(client, command, resend=False)
 
     # -- single items ---------------------------------------------------------------------
 
     async def get(self, key: str) -> Record | None:
-        name = self._ns + key
-        try:
-            if self._reading:
-                data = await self._join_batch(name)
-            else:
-                self._reading += 1
-                try:
-                    client = self._client or await self._connect()
-                    data = cast("bytes | None", await self._call(client, "GET", name))
-                finally:
-                    self._reading -= 1
-        except _UNREACHABLE as exc:
-            raise self._unavailable(exc) from exc
+        with self._unreachable:
+            data = await self._reads.read(self._ns + key)
         if data is None:
             return None
         try:
@@ -488,56 +479,19 @@ class RedisDriver(Driver):
         except ValueError:
             raise self._foreign(key) from None
 
-    async def _join_batch(self, name: str) -> bytes | None:
-        """Another read is on the wire: join the batch collected during this loop tick
-        (sent as one MGET when the loop gets to it)."""
-        loop = asyncio.get_running_loop()
-        if self._batch is None:
-            self._batch = ([], [])
-            loop.call_soon(self._flush)
-        future: asyncio.Future[bytes | None] = loop.create_future()
-        self._batch[0].append(name)
-        self._batch[1].append(future)
-        return await future
-
-    def _flush(self) -> None:
-        batch, self._batch = self._batch, None
-        if batch is not None:
-            task = asyncio.get_running_loop().create_task(self._read_batch(*batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _read_batch(
-        self, names: list[str], futures: list[asyncio.Future[bytes | None]]
-    ) -> None:
-        self._reading += 1
-        try:
-            values = await self._mget(names)
-        except Exception as exc:
-            for future in futures:
-                if not future.done():
-                    future.set_exception(exc)
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
-        else:
-            for future, value in zip(futures, values, strict=True):
-                if not future.done():
-                    future.set_result(value)
-        finally:
-            self._reading -= 1
+    async def _get_one(self, name: str) -> bytes | None:
+        """``GET name``: a read sent alone by the read batcher."""
+        client = self._client or await self._connect()
+        return cast("bytes | None", await self._call(client, "GET", name))
 
     def _foreign(self, key: str) -> DriverError:
         where = self._ns + key
         return DriverError(f"the value at {where!r} was not written by kvstorage", driver=self.name)
 
     async def head(self, key: str) -> Stat | None:
-        try:
+        with self._unreachable:
             client = self._client or await self._connect()
             reply = await _HEAD(client.execute_command, self._ns + key)
-        except _UNREACHABLE as exc:
-            raise self._unavailable(exc) from exc
         if reply is None:
             return None
         header, length = reply
@@ -556,12 +510,12 @@ class RedisDriver(Driver):
         if_absent: bool = False,
         if_match: str | None = None,
     ) -> None:
-        client = self._client or await self._connect()
         name = self._ns + key
         data = _pack(value, expires_at)
         px = _pxat(expires_at)
         expiry = () if px is None else ("PXAT", px)
-        try:
+        with self._unreachable:
+            client = self._client or await self._connect()
             if if_match is not None:
                 token = _token(if_match)
                 done = token is not None and await _SET_IF_MATCH(
@@ -574,33 +528,31 @@ class RedisDriver(Driver):
                     raise ConditionFailedError(f"key {key!r} already exists")
             else:
                 await self._call(client, "SET", name, data, *expiry)
-        except _UNREACHABLE as exc:
-            raise self._unavailable(exc) from exc
 
     async def remove(self, key: str) -> bool:
-        try:
+        with self._unreachable:
             removed: int = await (self._client or await self._connect()).unlink(self._ns + key)
-        except _UNREACHABLE as exc:
-            raise self._unavailable(exc) from exc
         return removed > 0
 
     async def touch(self, key: str, *, expires_at: float | None) -> bool:
         expiry = _EXPIRY.pack(expires_at or 0.0)
-        try:
+        with self._unreachable:
             client = self._client or await self._connect()
             done = await _TOUCH(
                 client.execute_command,
                 self._ns + key,
                 expiry,
                 _pxat(expires_at) or 0,
+                _MAGIC,
             )
-        except _UNREACHABLE as exc:
-            raise self._unavailable(exc) from exc
+        if done < 0:  # left untouched, as get reports it
+            raise self._foreign(key)
         return bool(done)
 
     # -- batches --------------------------------------------------------------------------
 
     async def _mget(self, names: list[str]) -> list[bytes | None]:
+        """``MGET names`` (one per slot on a cluster), for get_many and the read batcher."""
         client = self._client or await self._connect()
         if isinstance(client, RedisCluster):  # one MGET per slot, in one pipeline
             return cast("list[bytes | None]", await client.mget_nonatomic(names))
@@ -610,10 +562,8 @@ class RedisDriver(Driver):
         if not keys:
             return []
         ns = self._ns
-        try:
+        with self._unreachable:
             values = await self._mget([ns + key for key in keys])
-        except _UNREACHABLE as exc:
-            raise self._unavailable(exc) from exc
         try:
             return _decode_many(values)
         except ValueError:
@@ -627,12 +577,12 @@ class RedisDriver(Driver):
     ) -> None:
         if not items:
             return
-        client = self._client or await self._connect()
         ns = self._ns
         pairs = [(ns + key, _pack(value, expires_at)) for key, value in items]
         px = _pxat(expires_at)
-        cluster = isinstance(client, RedisCluster)
-        try:
+        with self._unreachable:
+            client = self._client or await self._connect()
+            cluster = isinstance(client, RedisCluster)
             if px is None and isinstance(client, RedisCluster):
                 await client.mset_nonatomic(dict(pairs))  # one MSET per slot
             elif px is None:
@@ -642,19 +592,15 @@ class RedisDriver(Driver):
                     for name, data in pairs:
                         pipe.set(name, data, pxat=px)
                     await pipe.execute()
-        except _UNREACHABLE as exc:
-            raise self._unavailable(exc) from exc
 
     async def remove_many(self, keys: Sequence[str]) -> int:
         if not keys:
             return 0
-        client = self._client or await self._connect()
         names = [self._ns + key for key in keys]
-        try:
+        with self._unreachable:
+            client = self._client or await self._connect()
             removed: int = await client.unlink(*names)  # per slot in a cluster
-            return removed
-        except _UNREACHABLE as exc:
-            raise self._unavailable(exc) from exc
+        return removed
 
     # -- listing --------------------------------------------------------------------------
 
@@ -662,14 +608,13 @@ class RedisDriver(Driver):
         self, base: str = "", *, max_depth: int | None = None
     ) -> AsyncGenerator[str, None]:
         prefix = self._ns + base + ":" if base else self._ns
-        pattern = _glob_escape(prefix) + "*"
+        pattern = glob_escape(prefix) + "*"
         strip = len(self._ns)
-        client = self._client or await self._connect()
-        try:  # on a cluster, scan_iter walks every primary
+        with self._unreachable:
+            client = self._client or await self._connect()
+            # on a cluster, scan_iter walks every primary
             async for name in client.scan_iter(match=pattern, count=_SCAN_COUNT):
                 yield name.decode()[strip:]
-        except _UNREACHABLE as exc:
-            raise self._unavailable(exc) from exc
 
     # -- watching -------------------------------------------------------------------------
 
@@ -681,15 +626,16 @@ class RedisDriver(Driver):
         db = client.connection_pool.connection_kwargs.get("db", 0)
         channel = f"__keyspace@{db}__:{self._ns}"
         pubsub = client.pubsub()
-        try:
-            await self._enable_notifications(client)
-            await pubsub.psubscribe(f"__keyspace@{db}__:{_glob_escape(self._ns)}*")
-            # Wait for the confirmation: from then on, every write is reported.
-            if await pubsub.get_message(timeout=self._timeout) is None:
-                raise TimeoutError("no reply to PSUBSCRIBE")
-        except _UNREACHABLE as exc:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
-            raise self._unavailable(exc) from exc
+        with self._unreachable:
+            try:
+                await self._enable_notifications(client)
+                await pubsub.psubscribe(f"__keyspace@{db}__:{glob_escape(self._ns)}*")
+                # Wait for the confirmation: from then on, every write is reported.
+                if await pubsub.get_message(timeout=self._timeout) is None:
+                    raise TimeoutError("no reply to PSUBSCRIBE")
+            except BaseException:
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                raise
         task = asyncio.get_running_loop().create_task(
             self._listen(client, pubsub, emit, len(channel.encode()))
         )
@@ -760,8 +706,7 @@ class RedisDriver(Driver):
     async def dispose(self) -> None:
         for stop in list(self._watchers):
             await stop()
-        for task in list(self._tasks):
-            task.cancel()
+        self._reads.cancel()
         client, self._client = self._client, None
         if client is not None and client is not self._given:
             await client.aclose()
