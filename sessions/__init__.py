@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .cookies import CookieOptions
-from .manager import SessionManager
+from .manager import SessionInfo, SessionManager
 from .middleware import SessionMiddleware
 from .session import Session
 
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CookieOptions",
     "Session",
+    "SessionInfo",
     "SessionDep",
     "SessionManager",
     "SessionMiddleware",

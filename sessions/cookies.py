@@ -10,6 +10,8 @@ __all__ = ["CookieOptions"]
 
 # RFC 6265 cookie-name: an RFC 7230 token.
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# RFC 6265 path-value: any CHAR except CTLs or ";" (ASCII only, so it survives latin-1).
+_PATH = re.compile(r"/[\x20-\x3a\x3c-\x7e]*")
 _EXPIRED = "Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT"
 
 
@@ -22,8 +24,10 @@ class CookieOptions:
     browser-session cookie; the server enforces the lifetime). Set ``secure=False`` only
     for local development over plain HTTP.
 
-    A name starting with ``__Host-`` (recommended) makes the browser refuse the cookie
-    unless it is ``Secure``, has ``Path=/`` and no ``Domain``; these are checked here.
+    The default name is ``__Host-session`` when ``secure`` (the browser then refuses the
+    cookie unless it is ``Secure``, has ``Path=/`` and no ``Domain``, so a sibling
+    subdomain cannot plant or overwrite it), else ``session``. Those attributes are
+    checked here for any ``__Host-`` name.
 
     Raises:
         ValueError: an invalid name, ``httponly=False``, a ``__Host-``/``__Secure-``
@@ -31,7 +35,8 @@ class CookieOptions:
             ``secure``.
     """
 
-    name: str = "session"
+    name: str = ""
+    """The cookie's name; empty: the default (see above)."""
     secure: bool = True
     httponly: bool = True
     samesite: Literal["lax", "strict", "none"] = "lax"
@@ -41,6 +46,8 @@ class CookieOptions:
     """Seconds the browser keeps the cookie; None (default) until the browser closes."""
 
     def __post_init__(self) -> None:
+        if not self.name:
+            object.__setattr__(self, "name", "__Host-session" if self.secure else "session")
         if not _TOKEN.match(self.name):
             raise ValueError(f"invalid cookie name {self.name!r}")
         if not self.httponly:
@@ -49,8 +56,11 @@ class CookieOptions:
             raise ValueError(f"samesite must be 'lax', 'strict' or 'none', not {self.samesite!r}")
         if self.samesite == "none" and not self.secure:
             raise ValueError("samesite='none' requires secure=True")
-        if not self.path.startswith("/") or any(c in self.path for c in ";\r\n"):
-            raise ValueError(f"invalid cookie path {self.path!r}")
+        if not _PATH.fullmatch(self.path):
+            raise ValueError(
+                f"invalid cookie path {self.path!r}: it must start with '/' and hold only "
+                "printable ASCII characters other than ';'"
+            )
         if self.domain is not None and not _TOKEN.match(self.domain):
             raise ValueError(f"invalid cookie domain {self.domain!r}")
         if self.max_age is not None and self.max_age <= 0:
@@ -70,9 +80,12 @@ class CookieOptions:
         parts.append(f"SameSite={self.samesite.capitalize()}")
         return "; ".join(parts)
 
-    def set_header(self, value: str) -> str:
-        """The ``Set-Cookie`` header value that stores ``value`` in the browser."""
-        age = "" if self.max_age is None else f"; Max-Age={self.max_age}"
+    def set_header(self, value: str, *, max_age: float | None = None) -> str:
+        """The ``Set-Cookie`` header value that stores ``value`` in the browser (for
+        ``max_age`` seconds if given, else for :attr:`max_age`)."""
+        if max_age is None:
+            max_age = self.max_age
+        age = "" if max_age is None else f"; Max-Age={max(1, int(max_age))}"
         return f"{self.name}={value}{age}; {self._attributes()}"
 
     def expire_header(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from .manager import SessionManager
 
@@ -15,6 +16,15 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 Header = tuple[bytes, bytes]
+
+_UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
 
 
 def _cookie_values(scope: Scope, name: str) -> list[str]:
@@ -29,12 +39,37 @@ def _cookie_values(scope: Scope, name: str) -> list[str]:
     return values
 
 
-def _with_cookies(headers: Iterable[Header], cookies: list[str]) -> list[Header]:
-    """``headers`` with the ``Set-Cookie`` values and ``Cache-Control: no-store`` (in place
-    of any other ``Cache-Control``: a response that sets the session cookie is private)."""
+def _cross_site(scope: Scope) -> bool:
+    """True when a browser says the request comes from another origin: its ``Origin``
+    differs from the request's own, or (without ``Origin``) ``Sec-Fetch-Site`` is
+    ``cross-site`` or ``same-site`` (a sibling subdomain)."""
+    origin = _header(scope, b"origin")
+    if origin is not None:
+        host = _header(scope, b"host")
+        parts = urlsplit(origin)
+        return origin == "null" or host is None or parts.netloc.lower() != host.lower()
+    return _header(scope, b"sec-fetch-site") in ("cross-site", "same-site")
+
+
+def _with_headers(headers: Iterable[Header], added: list[tuple[str, str]]) -> list[Header]:
+    """``headers`` with ``added`` and ``Cache-Control: no-store`` (in place of any other
+    ``Cache-Control``: a response that sets a session ID is private)."""
     kept = [(name, value) for name, value in headers if name != b"cache-control"]
-    kept += [(b"set-cookie", cookie.encode("latin-1")) for cookie in cookies]
+    kept += [(name.encode("latin-1"), value.encode("latin-1")) for name, value in added]
     kept.append((b"cache-control", b"no-store"))
+    return kept
+
+
+def _with_vary(headers: Iterable[Header], varies: str) -> list[Header]:
+    """``headers`` with ``varies`` added to ``Vary`` (a page built from the session must
+    not be served from a shared cache to another user)."""
+    kept = list(headers)
+    for index, (name, value) in enumerate(kept):
+        if name == b"vary":
+            if varies.lower() not in value.decode("latin-1").lower():
+                kept[index] = (name, value + b", " + varies.encode("latin-1"))
+            return kept
+    kept.append((b"vary", varies.encode("latin-1")))
     return kept
 
 
@@ -45,17 +80,26 @@ class SessionMiddleware:
     ``app.add_middleware(SessionMiddleware, manager=manager)`` under Starlette/FastAPI,
     or ``app = SessionMiddleware(app, manager)`` for any ASGI app.
 
-    - The ``Set-Cookie`` header (and ``Cache-Control: no-store`` with it) is added to the
-      ``http.response.start`` message, before the headers go out.
-    - Changes made after that (in a streaming body, a background task, a WebSocket) are
-      committed again when the app returns -- unless they need a new session ID (a new
-      session or ``regenerate()``), which the client could no longer receive: those are
-      dropped with a warning. Write the session before starting the response.
+    - The ``Set-Cookie`` header (or the manager's ID header), with ``Cache-Control:
+      no-store``, is added to the ``http.response.start`` message, before the headers go
+      out. A response of a request that used the session carries ``Vary: Cookie``.
+    - With ``check_origin`` (the default), a POST, PUT, PATCH or DELETE that a browser
+      marks as coming from another site (its ``Origin``, or without one its
+      ``Sec-Fetch-Site``) is answered 403 before the app runs: a cross-site form cannot
+      act with the user's session. Requests without those headers (not from a browser)
+      pass; use :meth:`Session.verify_csrf` in forms as well.
+    - Changes made after the response started (in a streaming body, a background task, a
+      WebSocket) are committed again when the app returns -- unless they need a new
+      session ID (a new session or ``regenerate()``), which the client could no longer
+      receive: those are dropped with a warning. Write the session before starting the
+      response.
     - Nothing is committed for a 5xx response or an exception, unless
       ``persist_on_error=True``.
+    - After the response, expired sessions are swept when the manager's
+      ``sweep_interval`` has passed.
     - If the request carries several cookies of that name (cookie tossing from a
-      subdomain, or stale paths), the first well-formed one wins; name the cookie
-      ``__Host-session`` to make that impossible.
+      subdomain, or stale paths), the first well-formed one wins; the default name
+      ``__Host-session`` makes that impossible.
     """
 
     def __init__(
@@ -63,19 +107,31 @@ class SessionMiddleware:
         app: ASGIApp,
         manager: SessionManager | None = None,
         *,
+        check_origin: bool = True,
         persist_on_error: bool = False,
     ) -> None:
         self.app = app
         self.manager = manager if manager is not None else SessionManager()
+        self.check_origin = check_origin
         self.persist_on_error = persist_on_error
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
+        if self.check_origin and scope.get("method") in _UNSAFE and _cross_site(scope):
+            await send({"type": "http.response.start", "status": 403, "headers": []})
+            await send({"type": "http.response.body", "body": b"cross-site request refused"})
+            return
         manager = self.manager
-        session = manager.open(_cookie_values(scope, manager.cookie.name))
+        ids = []
+        if manager.cookie is not None:
+            ids = _cookie_values(scope, manager.cookie.name)
+        if manager.header is not None:
+            ids.append(_header(scope, manager.header.encode("latin-1")) or "")
+        session = manager.open(ids)
         scope["session"] = session
+        varies = "Cookie" if manager.cookie is not None else str(manager.header)
         # Whether this request's session is saved at all: decided once, by the status of
         # the response (a WebSocket has none: always).
         persist = scope["type"] == "websocket"
@@ -84,10 +140,16 @@ class SessionMiddleware:
             nonlocal persist
             if message["type"] == "http.response.start":
                 persist = message["status"] < 500 or self.persist_on_error
-                if persist and (cookies := await manager.commit(session)):
-                    message["headers"] = _with_cookies(message.get("headers", ()), cookies)
+                headers = message.get("headers", ())
+                if persist and (added := await manager.commit_headers(session)):
+                    headers = _with_headers(headers, added)
+                if session.used:
+                    headers = _with_vary(headers, varies)
+                message["headers"] = headers
             await send(message)
 
         await self.app(scope, receive, send_wrapper)
         if persist and session.modified:  # changed after the headers went out
             await manager.commit(session, headers_sent=True)
+        if persist:
+            await manager.sweep_if_due()

@@ -1,10 +1,20 @@
 """`SessionStore`: where sessions live -- IDs, storage keys, the stored form of a session
-and its conditional reads and writes. It knows nothing of requests, cookies or expiry
-policy (that is :class:`~sessions.session.Session`'s and the manager's).
+and its conditional reads and writes, and the per-user index. It knows nothing of
+requests, cookies or expiry policy (that is :class:`~sessions.session.Session`'s and the
+manager's).
 
-Stored form: one item per session at ``<prefix>:<id>``, the JSON object
-``{"d": data, "f": flash values, "c": created, "a": last write}`` (times in Unix seconds)
-in which every value is serialized with the ``tagged`` serializer.
+IDs are never stored. A session lives at ``<prefix>:<handle>`` where the handle is the
+SHA-256 of its ID (unpadded URL-safe base64, 43 characters), so a listing, a dump, a
+backup or an error message of the storage holds no usable session ID. Its item is the JSON
+object ``{"d": data, "f": flash values, "c": created, "a": last write, ...}`` (times in
+Unix seconds; values serialized with the ``tagged`` serializer; optional fields for the
+user, the CSRF token and per-session limits). A session that ended (destroyed, revoked) or
+moved to a new ID (regenerated) leaves a small marker for a grace period, so no request
+still running with the old version can bring it back.
+
+A session bound to a user also has an index entry at
+``<prefix>-user:<user hash>:<handle>``, written before the session itself: listing one
+user's sessions is one listing of that user's entries, never a scan of all sessions.
 
 Values stay serialized (``msgspec.Raw``) while a session is in memory: a request
 decodes only the values it reads and re-encodes only those it sets.
@@ -12,13 +22,14 @@ decodes only the values it reads and re-encodes only those it sets.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 import os
 import re
 import secrets
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +37,7 @@ import msgspec
 from msgspec import Raw
 
 from kvstorage import (
+    ConditionFailedError,
     Driver,
     SerializationError,
     Storage,
@@ -35,14 +47,26 @@ from kvstorage import (
 )
 from kvstorage.urls import redact_url
 
-__all__ = ["DEFAULT_DIRECTORY", "SessionStore", "Stored", "fingerprint", "is_valid_id"]
+__all__ = [
+    "DEFAULT_DIRECTORY",
+    "GRACE",
+    "SessionStore",
+    "Stored",
+    "fingerprint",
+    "handle_of",
+    "is_valid_handle",
+    "is_valid_id",
+]
 
 logger = logging.getLogger("sessions")
 
 #: Where sessions are kept when neither a storage nor ``$KVSTORAGE_URL`` is given.
 DEFAULT_DIRECTORY = ".sessions"
+#: Seconds the marker of an ended or moved session is kept.
+GRACE = 3600.0
 
-#: ``secrets.token_urlsafe(32)``: 256 random bits as 43 URL-safe characters.
+#: ``secrets.token_urlsafe(32)``: 256 random bits as 43 URL-safe characters; handles have
+#: the same form.
 _ID = re.compile(r"[A-Za-z0-9_-]{43}")
 _SALT = secrets.token_bytes(16)
 _serializer = TaggedSerializer()
@@ -60,11 +84,32 @@ def is_valid_id(value: str) -> bool:
     return _ID.fullmatch(value) is not None
 
 
-class _Document(msgspec.Struct):
-    d: dict[str, Raw]
-    f: dict[str, Raw]
-    c: float
-    a: float
+#: Handles and IDs have the same form.
+is_valid_handle = is_valid_id
+
+
+def _digest(data: bytes) -> str:
+    return base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+
+def handle_of(session_id: str) -> str:
+    """The handle of a session: the SHA-256 of its ID in unpadded URL-safe base64. What
+    the storage and :meth:`SessionManager.sessions_of` show instead of the ID."""
+    return _digest(session_id.encode("ascii"))
+
+
+class _Document(msgspec.Struct, omit_defaults=True):
+    d: dict[str, Raw] = {}
+    f: dict[str, Raw] = {}
+    c: float = 0.0
+    a: float = 0.0
+    u: str | None = None  # the bound user
+    um: dict[str, Any] | None = None  # what the app said about this session of the user
+    t: str | None = None  # the CSRF token
+    x: tuple[float | None, float | None] | None = None  # this session's (ttl, idle timeout)
+    p: bool = False  # persistent cookie
+    z: bool = False  # ended: a marker, not a session
+    n: str | None = None  # moved: the handle of the regenerated session
 
 
 _encode_document = msgspec.json.Encoder().encode
@@ -80,6 +125,21 @@ class Stored:
     created: float
     accessed: float
     etag: str | None  # None after our own write (the storage does not return the new etag)
+    user: str | None = None
+    user_meta: dict[str, Any] | None = None
+    csrf: str | None = None
+    limits: tuple[float | None, float | None] | None = None
+    """This session's own (ttl, idle timeout), set by ``set_expiry``; None: the manager's."""
+    persistent: bool = False
+    ended: bool = False
+    """A marker left by an ended session (destroyed or revoked)."""
+    moved_to: str | None = field(default=None)
+    """A marker left by a regenerated session: the handle it moved to."""
+
+    @property
+    def live(self) -> bool:
+        """True for a session, False for a marker."""
+        return not self.ended and self.moved_to is None
 
 
 def _check_private_directory(path: Path) -> None:
@@ -129,7 +189,7 @@ class SessionStore:
             a driver URL. Default: the URL in ``$KVSTORAGE_URL`` if set, else an
             ``FSDriver`` at ``./.sessions``, created on first use (mode 0700) and refused
             when another user owns it or group or others may write to it.
-        prefix: sessions are stored at ``<prefix>:<id>``.
+        prefix: sessions are stored at ``<prefix>:<handle>``.
     """
 
     def __init__(
@@ -169,9 +229,17 @@ class SessionStore:
         """A fresh random session ID (256 bits, URL-safe)."""
         return secrets.token_urlsafe(32)
 
-    def key(self, session_id: str) -> str:
-        """The storage key of the session ``session_id``."""
-        return f"{self.prefix}:{session_id}"
+    def key(self, handle: str) -> str:
+        """The storage key of the session with ``handle`` (see :func:`handle_of`)."""
+        return f"{self.prefix}:{handle}"
+
+    @property
+    def index_prefix(self) -> str:
+        """The base under which the per-user index lives."""
+        return f"{self.prefix}-user"
+
+    def _user_base(self, user_id: str) -> str:
+        return f"{self.index_prefix}:{_digest(b'user:' + user_id.encode())}"
 
     # -- values -------------------------------------------------------------------------
 
@@ -190,63 +258,135 @@ class SessionStore:
         cannot be decoded (logged)."""
         try:
             return _serializer.loads(bytes(raw))
-        except SerializationError as exc:
+        except (SerializationError, ValueError, TypeError, KeyError, OverflowError) as exc:
             logger.warning("session value %r is corrupt (%s); ignored", key, exc)
             return default
 
     # -- items --------------------------------------------------------------------------
 
-    async def read(self, session_id: str) -> Stored | None:
-        """The session stored under ``session_id``, or None when there is none or its item
-        is corrupt (logged once per session, and then treated as missing). Expiry is not
-        checked here."""
-        entry = await self.storage.get_entry_raw(self.key(session_id))
+    async def read(self, handle: str) -> Stored | None:
+        """The session (or marker) stored under ``handle``, or None when there is none or
+        its item is corrupt (logged once per session, and then treated as missing). Expiry
+        is not checked here."""
+        entry = await self.storage.get_entry_raw(self.key(handle))
         if entry is None:
             return None
         try:
-            document = _decode_document(entry.value)
+            doc = _decode_document(entry.value)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            self._report_corrupt(session_id, exc)
+            self._report_corrupt(handle, exc)
             return None
-        return Stored(document.d, document.f, document.c, document.a, entry.etag)
+        return Stored(
+            doc.d, doc.f, doc.c, doc.a, entry.etag, doc.u, doc.um, doc.t, doc.x, doc.p,
+            doc.z, doc.n,
+        )  # fmt: skip
 
     async def write(
         self,
-        session_id: str,
+        handle: str,
         stored: Stored,
         *,
         ttl: float | None,
         if_absent: bool = False,
         if_match: str | None = None,
     ) -> None:
-        """Store ``stored`` (its ``etag`` is ignored) under ``session_id`` for ``ttl``
-        seconds (None: no limit).
+        """Store ``stored`` (its ``etag`` is ignored) under ``handle`` for ``ttl`` seconds
+        (None: no limit).
 
         Raises:
             ConditionFailedError: ``if_absent`` and a session exists, or ``if_match`` and
                 the stored version has another etag (or is gone). Nothing was written.
         """
-        raw = _encode_document(
-            _Document(stored.data, stored.flash, stored.created, stored.accessed)
-        )
+        doc = _Document(
+            stored.data, stored.flash, stored.created, stored.accessed, stored.user,
+            stored.user_meta, stored.csrf, stored.limits, stored.persistent, stored.ended,
+            stored.moved_to,
+        )  # fmt: skip
         await self.storage.set_item_raw(
-            self.key(session_id), raw, ttl=ttl, if_absent=if_absent, if_match=if_match
+            self.key(handle), _encode_document(doc), ttl=ttl, if_absent=if_absent,
+            if_match=if_match,
+        )  # fmt: skip
+
+    async def end(self, handle: str, *, if_match: str | None = None) -> None:
+        """Replace the session ``handle`` by an "ended" marker (kept :data:`GRACE`
+        seconds): no later write conditioned on its old version, and no creation of that
+        handle, can succeed.
+
+        Raises:
+            ConditionFailedError: ``if_match`` and the stored version has another etag.
+        """
+        await self.write(
+            handle, Stored({}, {}, 0.0, 0.0, None, ended=True), ttl=GRACE, if_match=if_match
         )
 
-    async def remove(self, session_id: str) -> None:
-        """Delete the session ``session_id`` (no error when it is missing)."""
-        await self.storage.remove_item(self.key(session_id))
+    async def move(self, handle: str, to: str, *, if_match: str) -> None:
+        """Replace the session ``handle`` by a marker pointing at ``to`` (its regenerated
+        handle), kept :data:`GRACE` seconds, if its version is still ``if_match``.
 
-    def _report_corrupt(self, session_id: str, exc: Exception) -> None:
+        Raises:
+            ConditionFailedError: the stored version has another etag (or is gone).
+        """
+        await self.write(
+            handle, Stored({}, {}, 0.0, 0.0, None, moved_to=to), ttl=GRACE, if_match=if_match
+        )
+
+    async def kill(self, handle: str) -> Stored | None:
+        """End the session ``handle`` and whatever it was regenerated into, whatever
+        request is running on them (see the module docstring); return the version that was
+        live, if any. Its index entry is removed."""
+        while True:
+            current = await self.read(handle)
+            if current is None or current.ended:
+                return None
+            if current.moved_to is not None:  # end where it went too (even if not there yet)
+                moved = await self.kill(current.moved_to)
+                await self.end(current.moved_to)
+                return moved
+            try:
+                await self.end(handle, if_match=current.etag)
+            except ConditionFailedError:
+                continue  # written meanwhile: read it again
+            if current.user is not None:
+                await self.unbind(current.user, handle)
+            return current
+
+    # -- the per-user index -------------------------------------------------------------
+
+    async def bind(self, user_id: str, handle: str, *, ttl: float | None) -> None:
+        """Record that the session ``handle`` belongs to ``user_id`` (for ``ttl``
+        seconds: at least as long as the session may live)."""
+        key = f"{self._user_base(user_id)}:{handle}"
+        await self.storage.set_item_raw(key, b"1", ttl=ttl)
+
+    async def unbind(self, user_id: str, handle: str) -> None:
+        """Forget that the session ``handle`` belongs to ``user_id``."""
+        await self.storage.remove_item(f"{self._user_base(user_id)}:{handle}")
+
+    async def handles_of(self, user_id: str) -> list[str]:
+        """The handles of every session recorded for ``user_id`` (some may have ended)."""
+        base = self._user_base(user_id)
+        return [key[len(base) + 1 :] for key in await self.storage.get_keys(base)]
+
+    async def index_entries(self) -> list[tuple[str, str]]:
+        """``(storage key, handle)`` of every index entry of every user (for cleanup)."""
+        return [
+            (key, key.rsplit(":", 1)[1]) async for key in self.storage.iter_keys(self.index_prefix)
+        ]
+
+    async def remove_keys(self, keys: list[str]) -> int:
+        """Delete these storage keys (index entries found stale)."""
+        return await self.storage.remove_items(keys)
+
+    def _report_corrupt(self, handle: str, exc: Exception) -> None:
         """Log corrupt data once per session (of the last 1024), not on every request."""
         reported = self._corrupt_reported
-        if session_id in reported:
+        if handle in reported:
             return
-        reported[session_id] = None
+        reported[handle] = None
         if len(reported) > 1024:
             del reported[next(iter(reported))]
         logger.warning(
             "session %s: stored data is corrupt (%s); starting a new session",
-            fingerprint(session_id),
+            fingerprint(handle),
             exc,
         )

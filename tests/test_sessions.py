@@ -19,6 +19,7 @@ import pytest
 from kvstorage import SerializationError, Storage, create_storage
 from kvstorage.drivers import MemoryDriver
 from sessions import CookieOptions, Session, SessionManager
+from sessions.store import handle_of
 
 from .backends import DriverFactory
 from .support.helpers import eventually
@@ -38,11 +39,18 @@ async def manager(driver: CountingDriver) -> AsyncIterator[SessionManager]:
     yield SessionManager(driver)
 
 
-def cookie_id(headers: list[str], name: str = "session") -> str:
+def cookie_id(headers: list[str], name: str = "__Host-session") -> str:
     assert len(headers) == 1, headers
     value = headers[0].split(";", 1)[0]
     assert value.startswith(f"{name}=")
     return value[len(name) + 1 :]
+
+
+async def assert_ended(manager: SessionManager, sid: str) -> None:
+    """Only an "ended" marker is left of the session ``sid``: no data, no user."""
+    assert await manager.storage.get_keys(manager.prefix) == [f"session:{handle_of(sid)}"]
+    marker = await manager.store.read(handle_of(sid))
+    assert marker is not None and marker.ended and marker.data == {} and marker.user is None
 
 
 async def new_session(manager: SessionManager, **values: object) -> str:
@@ -92,8 +100,8 @@ async def test_first_write_sets_the_cookie_and_stores_one_item(
     sid = cookie_id(headers)
     assert SessionManager.is_valid_id(sid) and len(sid) >= 22  # >= 128 bits, URL-safe
     assert session.id == sid
-    assert headers[0] == f"session={sid}; Path=/; HttpOnly; Secure; SameSite=Lax"
-    assert await manager.storage.get_keys() == [f"session:{sid}"]
+    assert headers[0] == f"__Host-session={sid}; Path=/; HttpOnly; Secure; SameSite=Lax"
+    assert await manager.storage.get_keys() == [f"session:{handle_of(sid)}"]
     # Reads on a later request never write and never set a cookie.
     driver.ops.clear()
     later = manager.open(sid)
@@ -119,7 +127,7 @@ async def test_unknown_well_formed_id_is_never_adopted(
     await session.set("a", 1)
     sid = cookie_id(await manager.commit(session))
     assert sid != planted
-    assert not await manager.storage.has_item(f"session:{planted}")
+    assert not await manager.storage.has_item(f"session:{handle_of(planted)}")
     assert await manager.open(sid).get("a") == 1
 
 
@@ -129,7 +137,7 @@ async def test_write_only_request_with_unknown_id_gets_a_new_id(manager: Session
     await session.set("a", 1)  # never read in this request
     sid = cookie_id(await manager.commit(session))
     assert sid != planted
-    assert await manager.storage.get_keys() == [f"session:{sid}"]
+    assert await manager.storage.get_keys() == [f"session:{handle_of(sid)}"]
 
 
 async def test_values_survive_with_the_tagged_serializer(manager: SessionManager):
@@ -210,7 +218,10 @@ async def test_regenerate_keeps_data_writes_new_before_removing_old(
     headers = await manager.commit(session)
     assert cookie_id(headers) == new
     writes = [op for op in driver.ops if op[0] in ("set", "remove")]
-    assert writes == [("set", f"session:{new}"), ("remove", f"session:{old}")]
+    # the new version first, then the old one becomes a marker pointing at it
+    assert writes == [("set", f"session:{handle_of(new)}"), ("set", f"session:{handle_of(old)}")]
+    marker = await manager.store.read(handle_of(old))
+    assert marker is not None and marker.moved_to == handle_of(new) and marker.data == {}
     assert await manager.open(old).get("user") is None
     assert await manager.open(new).items() == [("user", "ann"), ("cart", ["apple"])]
 
@@ -232,10 +243,10 @@ async def test_destroy_removes_data_and_expires_cookie(
     assert session.id is None
     headers = await manager.commit(session)
     assert headers == [
-        "session=; Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT; "
+        "__Host-session=; Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT; "
         "Path=/; HttpOnly; Secure; SameSite=Lax"
     ]
-    assert await manager.storage.get_keys() == []
+    await assert_ended(manager, sid)
     assert await manager.open(sid).get("user") is None
 
 
@@ -247,7 +258,10 @@ async def test_writes_after_destroy_start_a_new_session(manager: SessionManager)
     new = cookie_id(await manager.commit(session))
     assert new != sid
     assert await manager.open(new).items() == [("theme", "dark")]
-    assert await manager.storage.get_keys() == [f"session:{new}"]
+    assert sorted(await manager.storage.get_keys()) == sorted(
+        [f"session:{handle_of(new)}", f"session:{handle_of(sid)}"]  # the old one: a marker
+    )
+    assert not (await manager.store.read(handle_of(sid))).live  # type: ignore[union-attr]
 
 
 async def test_flash_is_read_once_on_a_later_request(manager: SessionManager):
@@ -265,20 +279,20 @@ async def test_flash_is_read_once_on_a_later_request(manager: SessionManager):
 async def test_absolute_ttl_is_enforced_and_given_to_the_storage(driver: CountingDriver):
     manager = SessionManager(driver, ttl=1.0)
     sid = await new_session(manager, a=1)
-    meta = await manager.storage.get_meta(f"session:{sid}")
+    meta = await manager.storage.get_meta(f"session:{handle_of(sid)}")
     assert meta is not None and meta.ttl is not None and 0 < meta.ttl <= 1.0
 
     async def gone() -> bool:
         return await manager.open(sid).get("a") is None
 
     await eventually(gone)
-    assert await manager.storage.get_meta(f"session:{sid}") is None
+    assert await manager.storage.get_meta(f"session:{handle_of(sid)}") is None
 
 
 async def test_idle_timeout_refreshes_at_most_once_per_fraction(driver: CountingDriver):
     manager = SessionManager(driver, idle_timeout=1.6, refresh_fraction=0.5)
     sid = await new_session(manager, a=1)
-    meta = await manager.storage.get_meta(f"session:{sid}")
+    meta = await manager.storage.get_meta(f"session:{handle_of(sid)}")
     assert meta is not None and meta.ttl is not None and 0 < meta.ttl <= 1.6
     writes = driver.writes
     session = manager.open(sid)
@@ -303,7 +317,7 @@ async def test_idle_timeout_refreshes_at_most_once_per_fraction(driver: Counting
     assert driver.writes == writes + 1
 
     async def expired() -> bool:
-        return await manager.storage.get_meta(f"session:{sid}") is None
+        return await manager.storage.get_meta(f"session:{handle_of(sid)}") is None
 
     await eventually(expired)
     assert await manager.open(sid).get("a") is None
@@ -331,8 +345,9 @@ async def test_write_racing_destroy_does_not_bring_the_session_back(
     await logout.destroy()
     await manager.commit(logout)
     await writer.set("cart", ["apple"])
-    assert await manager.commit(writer) == []
-    assert await manager.storage.get_keys() == []
+    [expired] = await manager.commit(writer)  # the client's ID is dead: forget it
+    assert expired.startswith("__Host-session=; Max-Age=0;")
+    await assert_ended(manager, sid)
     assert await manager.open(sid).get("user") is None
 
 
@@ -354,7 +369,7 @@ async def test_corrupt_data_starts_a_fresh_session_and_is_logged(
     manager: SessionManager, caplog: pytest.LogCaptureFixture
 ):
     sid = await new_session(manager, a=1)
-    await manager.storage.set_item_raw(f"session:{sid}", b"\xff not json")
+    await manager.storage.set_item_raw(f"session:{handle_of(sid)}", b"\xff not json")
     with caplog.at_level(logging.WARNING, logger="sessions"):
         for _ in range(3):  # three requests with that cookie: reported once
             assert await manager.open(sid).get("a") is None
@@ -369,7 +384,7 @@ async def test_corrupt_data_starts_a_fresh_session_and_is_logged(
 
 async def test_wrong_shape_is_corrupt_too(manager: SessionManager):
     sid = await new_session(manager, a=1)
-    await manager.storage.set_item_raw(f"session:{sid}", b'{"d": [1, 2]}')
+    await manager.storage.set_item_raw(f"session:{handle_of(sid)}", b'{"d": [1, 2]}')
     assert await manager.open(sid).get("a") is None
 
 
@@ -396,7 +411,7 @@ async def test_session_ids_are_never_logged(
 async def test_prefix_and_host_cookie(driver: CountingDriver):
     manager = SessionManager(driver, prefix="shop:sessions", cookie=CookieOptions("__Host-sid"))
     sid = await new_session(manager, a=1)
-    assert await manager.storage.get_keys() == [f"shop:sessions:{sid}"]
+    assert await manager.storage.get_keys() == [f"shop:sessions:{handle_of(sid)}"]
     session = manager.open(sid)
     await session.regenerate()
     headers = await manager.commit(session)
@@ -419,7 +434,7 @@ async def test_json_storage_view_works_with_tagged_values(storage: Storage):
     await manager.commit(first)
     await manager.commit(second)
     assert sorted(await manager.open(sid).keys()) == ["a", "b", "n", "when"]
-    assert await storage.get_keys() == [f"app:session:{sid}"]
+    assert await storage.get_keys() == [f"app:session:{handle_of(sid)}"]
 
 
 def test_cookie_options_are_checked():
@@ -565,7 +580,7 @@ async def test_a_corrupt_value_reads_as_missing_and_is_logged(
 ):
     sid = await new_session(manager, ok=1)
     document = b'{"d": {"ok": 1, "bad": {"$kv": "nope", "v": 1}}, "f": {}, "c": 1e10, "a": 1e10}'
-    await manager.storage.set_item_raw(f"session:{sid}", document)
+    await manager.storage.set_item_raw(f"session:{handle_of(sid)}", document)
     session = manager.open(sid)
     with caplog.at_level(logging.WARNING, logger="sessions"):
         assert await session.get("bad", "default") == "default"

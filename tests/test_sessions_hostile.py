@@ -19,7 +19,8 @@ import pytest
 
 from kvstorage import Storage, create_storage
 from kvstorage.drivers import MemoryDriver
-from sessions import SessionManager
+from sessions import CookieOptions, SessionManager
+from sessions.store import handle_of
 
 from .support.reliability import record
 from .support.sessions_support import CountingDriver, make_app
@@ -28,6 +29,8 @@ pytestmark = pytest.mark.anyio
 
 READS = ("get", "get_many", "head", "scan")
 #: The whole Set-Cookie the middleware may send: a generated ID and fixed attributes.
+#: A cookie name without the ``__Host-`` prefix: the weaker case for cookie tossing.
+SESSION_COOKIE = CookieOptions("session")
 SET_COOKIE = re.compile(r"session=[A-Za-z0-9_-]{43}; Path=/; HttpOnly; Secure; SameSite=Lax")
 
 
@@ -45,7 +48,7 @@ async def storage(driver: CountingDriver) -> AsyncIterator[Storage]:
 
 @pytest.fixture
 def manager(storage: Storage) -> SessionManager:
-    return SessionManager(storage)
+    return SessionManager(storage, cookie=SESSION_COOKIE)
 
 
 @pytest.fixture
@@ -138,8 +141,8 @@ async def test_forged_well_formed_ids_are_read_once_and_never_adopted(
     forged = [secrets.token_urlsafe(32) for _ in range(50)]
     await try_values(client, driver, "forged well-formed IDs", forged, reads=1)
     keys = await storage.get_keys()
-    assert f"session:{real}" in keys and len(keys) == 1 + len(forged)
-    assert not any(key.removeprefix("session:") in forged for key in keys)
+    assert f"session:{handle_of(real)}" in keys and len(keys) == 1 + len(forged)
+    assert not any(key.removeprefix("session:") in {handle_of(f) for f in forged} for key in keys)
 
 
 async def test_truncated_and_extended_ids_read_nothing(
@@ -259,17 +262,19 @@ async def test_header_injection_characters_are_never_echoed(
 async def test_an_id_from_another_prefix_is_not_adopted(
     client: httpx.AsyncClient, driver: CountingDriver, storage: Storage
 ) -> None:
-    other = SessionManager(storage, prefix="other")
+    other = SessionManager(storage, prefix="other", cookie=SESSION_COOKIE)
     session = other.open(None)
     await session.set("who", "admin of the other app")
     [cookie] = await other.commit(session)
     foreign = cookie.split(";")[0].removeprefix("session=")
-    assert await storage.get_keys() == [f"other:{foreign}"]
+    assert await storage.get_keys() == [f"other:{handle_of(foreign)}"]
     issued = await try_cookie(client, driver, f"session={foreign}", reads=1)
     assert issued != foreign
-    assert driver.ops[0] == ("get", f"session:{foreign}")  # only under its own prefix
+    assert driver.ops[0] == ("get", f"session:{handle_of(foreign)}")  # only under its own prefix
     assert await other.open(foreign).get("who") == "admin of the other app"  # untouched
-    assert sorted(await storage.get_keys()) == sorted([f"other:{foreign}", f"session:{issued}"])
+    assert sorted(await storage.get_keys()) == sorted(
+        [f"other:{handle_of(foreign)}", f"session:{handle_of(issued)}"]
+    )
     tally("ID of another app's prefix", 1, 1)
 
 
@@ -286,7 +291,7 @@ async def test_fixation_with_an_unknown_attacker_chosen_id(
     # The victim's browser carries the planted cookie when the app writes to the session.
     response = await client.post("/set", params={"who": "victim"}, headers=cookie(chosen))
     assert response.status_code == 200
-    assert ("get", f"session:{chosen}") in driver.ops  # it was looked up...
+    assert ("get", f"session:{handle_of(chosen)}") in driver.ops  # it was looked up...
     victim = new_id(response)
     assert victim != chosen  # ...and not adopted
     response = await client.get("/get", params={"key": "who"}, headers=cookie(victim))
@@ -294,7 +299,7 @@ async def test_fixation_with_an_unknown_attacker_chosen_id(
     # The attacker, presenting the planted ID, gets nothing.
     response = await client.get("/get", params={"key": "who"}, headers=cookie(chosen))
     assert response.json() == {"value": None}
-    assert await storage.get_keys() == [f"session:{victim}"]
+    assert await storage.get_keys() == [f"session:{handle_of(victim)}"]
     tally("fixation (attacker-chosen ID)", 1)
 
 
@@ -303,14 +308,14 @@ async def test_fixation_with_the_attackers_own_session_in_the_demo_shop(
 ) -> None:
     from examples.shop import create_app
 
-    shop = create_app(SessionManager(storage))
+    shop = create_app(SessionManager(storage, cookie=SESSION_COOKIE))
     transport = httpx.ASGITransport(app=shop)
     async with httpx.AsyncClient(transport=transport, base_url="https://shop") as client:
         # The attacker gets a real session (a failed login leaves a flash message)...
         response = await client.post("/login", data={"user": "x", "password": "wrong"})
         planted = new_id(response)
         client.cookies.clear()
-        assert await storage.get_keys() == [f"session:{planted}"]
+        assert await storage.get_keys() == [f"session:{handle_of(planted)}"]
         # ...and plants its ID in the victim's browser, who then logs in.
         login = {"user": "victim", "password": "demo"}
         response = await client.post("/login", data=login, headers=cookie(planted))
@@ -321,7 +326,13 @@ async def test_fixation_with_the_attackers_own_session_in_the_demo_shop(
         assert "Hello, victim!" in (await client.get("/", headers=cookie(issued))).text
         page = (await client.get("/", headers=cookie(planted))).text  # the attacker
         assert "victim" not in page and 'id="login"' in page
-    assert await storage.get_keys() == [f"session:{issued}"]  # the planted session is gone
+    # The planted ID now holds only a marker (so a request still running with it cannot
+    # bring it back), never a session.
+    assert sorted(await storage.get_keys()) == sorted(
+        [f"session:{handle_of(issued)}", f"session:{handle_of(planted)}"]
+    )
+    marker = await SessionManager(storage).store.read(handle_of(planted))
+    assert marker is not None and not marker.live and marker.data == {}
     tally("fixation (attacker-chosen ID)", 1)
 
 
@@ -330,7 +341,7 @@ async def test_the_id_never_leaks_except_in_set_cookie(
 ) -> None:
     from examples.shop import create_app
 
-    shop = create_app(SessionManager(storage, idle_timeout=1800))
+    shop = create_app(SessionManager(storage, idle_timeout=1800, cookie=SESSION_COOKIE))
     transport = httpx.ASGITransport(app=shop)
     responses: list[httpx.Response] = []
     with caplog.at_level(logging.DEBUG):
@@ -370,7 +381,7 @@ async def test_id_entropy() -> None:
         session = manager.open(None)
         await session.set("n", 1)
         [cookie] = await manager.commit(session)
-        ids.append(cookie.split(";")[0].removeprefix("session="))
+        ids.append(cookie.split(";")[0].split("=", 1)[1])
     await manager.dispose()
     assert len(set(ids)) == len(ids)
     assert all(re.fullmatch(r"[A-Za-z0-9_-]{43}", i) and SessionManager.is_valid_id(i) for i in ids)

@@ -19,12 +19,16 @@ from sessions import (
     SessionMiddleware,
     get_session,
 )
+from sessions.store import handle_of
 
 from .backends import DriverFactory
 from .support.helpers import eventually
-from .support.sessions_support import CountingDriver, Gate, make_app, serve
+from .support.sessions_support import CountingDriver, Gate, live_keys, make_app, serve
 
 pytestmark = pytest.mark.anyio
+
+#: These tests send the cookie by hand: a short name (the default is __Host-session).
+SESSION_COOKIE = CookieOptions("session")
 
 
 @pytest.fixture
@@ -43,7 +47,7 @@ def transport(request: pytest.FixtureRequest, anyio_backend: str) -> str:
 @pytest.fixture
 def manager(driver: CountingDriver, transport: str) -> SessionManager:
     # A real server here speaks plain HTTP: the cookie cannot be Secure there.
-    return SessionManager(driver, cookie=CookieOptions(secure=transport == "asgi"))
+    return SessionManager(driver, cookie=CookieOptions("session", secure=transport == "asgi"))
 
 
 @pytest.fixture
@@ -108,12 +112,12 @@ async def test_regenerate_and_destroy_over_http(client: httpx.AsyncClient, manag
     new = (await client.get("/get")).json()["id"]
     assert new != old and cookie.startswith(f"session={new};")
     assert (await client.get("/get", params={"key": "user"})).json() == {"value": "ann"}
-    assert await manager.storage.get_keys() == [f"session:{new}"]
+    assert await live_keys(manager) == [f"session:{handle_of(new)}"]
     response = await client.post("/destroy")
     [cookie] = set_cookies(response)
     assert "Max-Age=0" in cookie
     assert "session" not in client.cookies
-    assert await manager.storage.get_keys() == []
+    assert await live_keys(manager) == []
     assert (await client.get("/get")).json() == {"items": {}, "id": None}
 
 
@@ -133,7 +137,7 @@ async def test_nothing_is_persisted_for_a_5xx_response(
 
 
 async def test_persist_on_error_when_configured(driver: CountingDriver):
-    manager = SessionManager(driver)
+    manager = SessionManager(driver, cookie=SESSION_COOKIE)
     app = make_app(manager, persist_on_error=True)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="https://t") as client:
@@ -210,7 +214,7 @@ async def test_write_racing_destroy_leaves_the_session_destroyed(
         response = await client.post("/destroy")
         assert "Max-Age=0" in set_cookies(response)[0]
         gate["logout-done"].set()
-    assert await manager.storage.get_keys() == []
+    assert await live_keys(manager) == []
     assert "session" not in client.cookies
     response = await client.get("/get", headers={"cookie": f"session={sid}"})
     assert response.json() == {"items": {}, "id": None}
@@ -229,7 +233,7 @@ async def test_fastapi_dependency(driver: CountingDriver):
     async def peek(session: SessionDep) -> dict[str, int]:
         return {"visits": await session.get("visits", 0)}
 
-    api.add_middleware(SessionMiddleware, manager=SessionManager(driver))
+    api.add_middleware(SessionMiddleware, manager=SessionManager(driver, cookie=SESSION_COOKIE))
     transport = httpx.ASGITransport(app=api)
     async with httpx.AsyncClient(transport=transport, base_url="https://t") as client:
         assert (await client.post("/visit")).json() == {"visits": 1}
@@ -262,7 +266,7 @@ async def test_plain_asgi_app_and_lifespan_passthrough(driver: CountingDriver):
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    wrapped = SessionMiddleware(app, SessionManager(driver))
+    wrapped = SessionMiddleware(app, SessionManager(driver, cookie=SESSION_COOKIE))
     await wrapped({"type": "lifespan"}, None, None)  # type: ignore[arg-type]
     transport = httpx.ASGITransport(app=wrapped)
     async with httpx.AsyncClient(transport=transport, base_url="https://t") as client:
@@ -276,7 +280,7 @@ async def test_plain_asgi_app_and_lifespan_passthrough(driver: CountingDriver):
 
 
 async def test_websocket_reads_and_writes_an_existing_session(driver: CountingDriver):
-    manager = SessionManager(driver)
+    manager = SessionManager(driver, cookie=SESSION_COOKIE)
     session = manager.open(None)
     await session.set("user", "ann")
     sid = (await manager.commit(session))[0].split(";")[0].removeprefix("session=")

@@ -193,3 +193,14 @@ async def serve(app: Any) -> AsyncIterator[str]:
             yield f"http://127.0.0.1:{port}"
         finally:
             server.should_exit = True
+
+
+async def live_keys(manager: SessionManager) -> list[str]:
+    """The storage keys of the live sessions (not the markers ended or regenerated
+    sessions leave for a while), sorted."""
+    keys = []
+    for key in await manager.storage.get_keys(manager.prefix):
+        stored = await manager.store.read(key.rsplit(":", 1)[1])
+        if stored is not None and stored.live:
+            keys.append(key)
+    return sorted(keys)
