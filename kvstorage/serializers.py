@@ -219,8 +219,10 @@ class TaggedSerializer:
             return _untag(value) if _TAG_BYTES in data else value
         except SerializationError:
             raise
-        except (msgspec.DecodeError, RecursionError, TypeError, ValueError, KeyError) as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             raise SerializationError(f"stored bytes are not valid tagged JSON: {exc}") from None
+        except Exception as exc:  # a tagged value its type rejects (overflow, bad digits...)
+            raise SerializationError(f"a stored tagged value is invalid: {exc!r:.200}") from None
 
     def __repr__(self) -> str:
         return "TaggedSerializer()"

@@ -258,7 +258,7 @@ class SessionStore:
         cannot be decoded (logged)."""
         try:
             return _serializer.loads(bytes(raw))
-        except (SerializationError, ValueError, TypeError, KeyError, OverflowError) as exc:
+        except SerializationError as exc:
             logger.warning("session value %r is corrupt (%s); ignored", key, exc)
             return default
 

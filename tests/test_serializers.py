@@ -151,7 +151,23 @@ def test_deep_nesting_is_a_clean_error() -> None:
         json_ser.loads(b"[" * 100_000 + b"]" * 100_000)
 
 
-@pytest.mark.parametrize("data", [b"", b"{", b"\xff\xfe", b"NaN", b'{"$kv": "nope", "v": 1}'])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"{",
+        b"\xff\xfe",
+        b"NaN",
+        b'{"$kv": "nope", "v": 1}',
+        # tagged values whose type rejects what is stored (a corrupt or forged item)
+        b'{"$kv": "timedelta", "v": [1e308, 0, 0]}',
+        b'{"$kv": "timedelta", "v": [1]}',
+        b'{"$kv": "decimal", "v": "not a number"}',
+        b'{"$kv": "uuid", "v": "zzz"}',
+        b'{"$kv": "datetime", "v": 5}',
+        b'{"$kv": "bytes", "v": "***"}',
+    ],
+)
 def test_undecodable_bytes_raise_serialization_error(data: bytes) -> None:
     with pytest.raises(SerializationError):
         tagged.loads(data)

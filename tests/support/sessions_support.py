@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Generator, Sequence
 from typing import Any
+from urllib.parse import parse_qs
 
 import anyio
 import uvicorn
@@ -149,10 +150,63 @@ def make_app(
         await session.get("anything")
         gate[f"{me}-loaded"].set()
         await gate[f"{other}-{request.query_params.get('after', 'loaded')}"].wait()
+        if request.query_params.get("action") == "regenerate":
+            await session.regenerate()
         await session.set(me, "written")
         return JSONResponse({"ok": True})
 
+    async def login(request: Request) -> Response:
+        """Log in as ``user`` (a new ID, bound to the user); ``remember=1``: 30 days."""
+        session = session_of(request)
+        await session.regenerate()
+        params = request.query_params
+        await session.set_user(params["user"], meta={"device": params.get("device", "?")})
+        if params.get("remember") == "1":
+            await session.set_expiry(ttl=30 * 86400, persistent=True)
+        return JSONResponse({"ok": True})
+
+    async def me(request: Request) -> Response:
+        session = session_of(request)
+        await session.has("anything")  # loads the session: user_id is known after
+        return JSONResponse({"user": session.user_id})
+
+    async def devices(request: Request) -> Response:
+        session = session_of(request)
+        await session.has("anything")
+        if session.user_id is None:
+            return JSONResponse({"error": "not logged in"}, status_code=401)
+        infos = await manager.sessions_of(session.user_id)
+        return JSONResponse([{"handle": i.handle, "meta": i.meta} for i in infos])
+
+    async def revoke(request: Request) -> Response:
+        return JSONResponse({"ended": await manager.revoke(request.query_params["handle"])})
+
+    async def logout_everywhere(request: Request) -> Response:
+        session = session_of(request)
+        await session.has("anything")
+        assert session.user_id is not None
+        return JSONResponse({"ended": await manager.revoke_user(session.user_id, keep=session)})
+
+    async def csrf(request: Request) -> Response:
+        return JSONResponse({"token": await session_of(request).csrf_token()})
+
+    async def form(request: Request) -> Response:
+        session = session_of(request)
+        fields = parse_qs((await request.body()).decode())
+        token = fields.get("csrf", [None])[-1]
+        if not await session.verify_csrf(token):
+            return JSONResponse({"error": "bad CSRF token"}, status_code=403)
+        await session.set("posted", "yes")
+        return JSONResponse({"ok": True})
+
     routes = [
+        Route("/login", login, methods=["POST"]),
+        Route("/me", me),
+        Route("/devices", devices),
+        Route("/revoke", revoke, methods=["POST"]),
+        Route("/logout_everywhere", logout_everywhere, methods=["POST"]),
+        Route("/csrf", csrf),
+        Route("/form", form, methods=["POST"]),
         Route("/get", get),
         Route("/set", set_, methods=["POST"]),
         Route("/nothing", nothing),
