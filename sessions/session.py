@@ -208,6 +208,13 @@ class Session:
         return self._next_id or self._id
 
     @property
+    def handle(self) -> str | None:
+        """The session's handle (a hash of :attr:`id`, as
+        :meth:`SessionManager.sessions_of` lists it), or None while it has no ID."""
+        session_id = self.id
+        return None if session_id is None else handle_of(session_id)
+
+    @property
     def modified(self) -> bool:
         """True when the request changed the session (commit has something to write)."""
         return bool(

@@ -23,7 +23,7 @@ from sessions import CookieOptions, SessionManager
 from sessions.store import handle_of
 
 from .support.reliability import record
-from .support.sessions_support import CountingDriver, make_app
+from .support.sessions_support import CountingDriver, live_keys, make_app
 
 pytestmark = pytest.mark.anyio
 
@@ -80,6 +80,13 @@ def check_headers(response: httpx.Response) -> None:
     assert response.status_code < 500, response.text
     assert "x-injected" not in response.headers
     assert all(b"\r" not in v and b"\n" not in v for _, v in response.headers.raw)
+
+
+def csrf_in(page: str) -> str:
+    """The CSRF token of the first form on a page of the demo shop."""
+    found = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert found is not None, page
+    return found.group(1)
 
 
 def new_id(response: httpx.Response) -> str:
@@ -308,31 +315,34 @@ async def test_fixation_with_the_attackers_own_session_in_the_demo_shop(
 ) -> None:
     from examples.shop import create_app
 
-    shop = create_app(SessionManager(storage, cookie=SESSION_COOKIE))
+    manager = SessionManager(storage, cookie=SESSION_COOKIE)
+    shop = create_app(manager)
     transport = httpx.ASGITransport(app=shop)
     async with httpx.AsyncClient(transport=transport, base_url="https://shop") as client:
-        # The attacker gets a real session (a failed login leaves a flash message)...
-        response = await client.post("/login", data={"user": "x", "password": "wrong"})
-        planted = new_id(response)
+        # The attacker gets a real session (the login form holds its CSRF token)...
+        page = await client.get("/")
+        planted = new_id(page)
+        attempt = {"user": "x", "password": "wrong", "csrf": csrf_in(page.text)}
+        await client.post("/login", data=attempt)
         client.cookies.clear()
-        assert await storage.get_keys() == [f"session:{handle_of(planted)}"]
+        assert await live_keys(manager) == [f"session:{handle_of(planted)}"]
         # ...and plants its ID in the victim's browser, who then logs in.
-        login = {"user": "victim", "password": "demo"}
+        page = await client.get("/", headers=cookie(planted))
+        login = {"user": "victim", "password": "demo", "csrf": csrf_in(page.text)}
         response = await client.post("/login", data=login, headers=cookie(planted))
         assert response.status_code == 303
         issued = new_id(response)
         assert issued != planted  # login regenerates the ID
         client.cookies.clear()
         assert "Hello, victim!" in (await client.get("/", headers=cookie(issued))).text
-        page = (await client.get("/", headers=cookie(planted))).text  # the attacker
-        assert "victim" not in page and 'id="login"' in page
+        page = await client.get("/", headers=cookie(planted))  # the attacker
+        assert "victim" not in page.text and 'id="login"' in page.text
+        assert new_id(page) != planted  # a fresh anonymous session, not the planted one
     # The planted ID now holds only a marker (so a request still running with it cannot
     # bring it back), never a session.
-    assert sorted(await storage.get_keys()) == sorted(
-        [f"session:{handle_of(issued)}", f"session:{handle_of(planted)}"]
-    )
-    marker = await SessionManager(storage).store.read(handle_of(planted))
+    marker = await manager.store.read(handle_of(planted))
     assert marker is not None and not marker.live and marker.data == {}
+    assert f"session:{handle_of(issued)}" in await live_keys(manager)
     tally("fixation (attacker-chosen ID)", 1)
 
 
@@ -348,12 +358,18 @@ async def test_the_id_never_leaks_except_in_set_cookie(
         async with httpx.AsyncClient(
             transport=transport, base_url="https://shop", follow_redirects=True
         ) as client:
-            responses.append(await client.post("/login", data={"user": "x", "password": "no"}))
-            responses.append(await client.post("/login", data={"user": "ann", "password": "demo"}))
-            responses.append(await client.post("/cart", data={"product": "fig"}))
-            assert "Hello, ann!" in responses[-1].text and "<li>Fig</li>" in responses[-1].text
+
+            async def post(path: str, **fields: str) -> None:
+                token = csrf_in(responses[-1].text)
+                responses.append(await client.post(path, data={**fields, "csrf": token}))
+
             responses.append(await client.get("/"))
-            responses.append(await client.post("/logout"))
+            await post("/login", user="x", password="no")
+            await post("/login", user="ann", password="demo")
+            await post("/cart", product="fig")
+            assert "Hello, ann!" in responses[-1].text and "<li>Fig</li>" in responses[-1].text
+            responses.append(await client.get("/devices"))
+            await post("/logout")
             assert 'id="login"' in responses[-1].text
     every = [r for response in responses for r in (*response.history, response)]
     ids = {
@@ -361,7 +377,9 @@ async def test_the_id_never_leaks_except_in_set_cookie(
         for r in every
         for cookie in r.headers.get_list("set-cookie")
     } - {""}
-    assert len(ids) == 2  # the anonymous session (a flash), then the logged-in one
+    # the anonymous session (the login form's CSRF token), the logged-in one, and a new
+    # anonymous one after logout (its login form)
+    assert len(ids) == 3
     for r in every:
         assert r.status_code < 500
         for sid in ids:
