@@ -16,6 +16,7 @@ Every request carries the cookie of one existing session. Run alone with
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -212,6 +213,51 @@ async def _measure(group: str, targets: dict[str, Builder], count: int, rounds: 
     return best_rounds(rows)
 
 
+async def _sessions_of(redis_url: str, totals: list[int], rounds: int) -> list[Row]:
+    """``sessions_of`` for a user with 20 sessions among ``total`` stored sessions on
+    Redis: the time must not grow with the total (it lists one user's index entries and
+    reads those sessions, never scans all sessions)."""
+    from kvstorage import create_storage
+    from sessions import SessionManager
+
+    storage = create_storage(_with_base(redis_url, f"bench-users-{uuid.uuid4().hex}"))
+    manager = SessionManager(storage)
+    rows: list[Row] = []
+    stored = 0
+    try:
+        for _ in range(20):
+            session = manager.open(None)
+            await session.set_user("ann", meta={"device": "bench"})
+            await manager.commit(session)
+        document = {"d": {"n": 1}, "f": {}, "c": time.time(), "a": time.time()}
+        for total in totals:
+            while stored < total:  # other users' sessions (handles need not be real)
+                batch = min(1000, total - stored)
+                await storage.set_items(
+                    {
+                        f"session:{uuid.uuid4().hex}{stored + i:011d}": document
+                        for i in range(batch)
+                    },
+                    ttl=3600,
+                )
+                stored += batch
+            gc.collect()  # not the filling's garbage during the measurement
+            best = 0.0
+            for _ in range(rounds):
+                count, started = 50, time.perf_counter()
+                for _ in range(count):
+                    assert len(await manager.sessions_of("ann")) == 20
+                seconds = time.perf_counter() - started
+                best = max(best, count / seconds)
+            operation = f"sessions_of (20 of {total:,} sessions)"
+            rows.append(Row("sessions (redis)", operation, "kvstorage sessions (redis)", "ours",
+                            best, count / best, count))  # fmt: skip
+    finally:
+        await storage.clear()
+        await storage.dispose()
+    return rows
+
+
 def _with_base(url: str, base: str) -> str:
     return f"{url}{'&' if '?' in url else '?'}base={base}"
 
@@ -237,6 +283,9 @@ async def run(*, quick: bool, redis_url: str | None) -> list[Row]:
     rows: list[Row] = []
     for group, targets in groups.items():
         rows += await _measure(group, targets, count, rounds)
+    if redis_url is not None:
+        totals = [1_000, 10_000] if quick else [1_000, 100_000]
+        rows += await _sessions_of(redis_url, totals, 3)
     return rows
 
 

@@ -55,12 +55,22 @@ class Meta:
     """Size of the stored bytes."""
     etag: str
     """Changes on every write; pass it to ``set_item(..., if_match=)``."""
-    mtime: datetime | None = None
-    """Last write (aware UTC) or None when the backend does not record it."""
-    expires_at: datetime | None = None
-    """When the item expires (aware UTC), or None."""
+    mtime_timestamp: float | None = None
+    """Last write (Unix seconds) or None when the backend does not record it."""
+    expires_timestamp: float | None = None
+    """When the item expires (Unix seconds), or None."""
     ttl: float | None = None
     """Seconds left before expiry, or None."""
+
+    @property
+    def mtime(self) -> datetime | None:
+        """Last write (aware UTC) or None when the backend does not record it."""
+        return _utc(self.mtime_timestamp)
+
+    @property
+    def expires_at(self) -> datetime | None:
+        """When the item expires (aware UTC), or None."""
+        return _utc(self.expires_timestamp)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +129,7 @@ def _utc(timestamp: float | None) -> datetime | None:
 
 def _meta(size: int, etag: str, mtime: float | None, expires_at: float | None) -> Meta:
     ttl = None if expires_at is None else max(expires_at - time.time(), 0.0)
-    return Meta(size, etag, _utc(mtime), _utc(expires_at), ttl)
+    return Meta(size, etag, mtime, expires_at, ttl)
 
 
 def _entry(value: Any, record: Record) -> Entry:

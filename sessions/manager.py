@@ -232,8 +232,8 @@ class SessionManager:
                 infos.append(info)
             else:
                 stale.append(handle)
-        for handle in stale:
-            await self.store.unbind(user_id, handle)
+        if stale:
+            await self.store.unbind(user_id, *stale)
         return sorted(infos, key=lambda info: info.created)
 
     async def revoke(self, handle: str) -> bool:
@@ -268,12 +268,13 @@ class SessionManager:
         ``sweep_interval`` do it."""
         storage = self.storage
         removed = await storage.sweep(self.prefix) + await storage.sweep(self.store.index_prefix)
-        stale = []
         now = time.time()
-        for key, handle in await self.store.index_entries():
-            if self._info(handle, await self.store.read(handle), now) is None:
-                stale.append(key)
-        return removed + (await self.store.remove_keys(stale) if stale else 0)
+        for key, handles in await self.store.index_entries():
+            dead = [h for h in handles if self._info(h, await self.store.read(h), now) is None]
+            if dead:
+                await self.store.prune_index(key, dead)
+                removed += len(dead)
+        return removed
 
     async def sweep_if_due(self) -> None:
         """Run :meth:`sweep` if ``sweep_interval`` has passed since the last one (the

@@ -20,35 +20,40 @@ Header = tuple[bytes, bytes]
 _UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return str(value.decode("latin-1"))
-    return None
+class _Request:
+    """What the middleware needs from the request headers, read in one pass."""
 
+    __slots__ = ("fetch_site", "host", "ids", "origin")
 
-def _cookie_values(scope: Scope, name: str) -> list[str]:
-    """Every value of the cookie ``name`` in the request, in the order sent."""
-    values = []
-    for header, value in scope["headers"]:
-        if header == b"cookie":
-            for pair in value.decode("latin-1").split(";"):
-                key, sep, val = pair.partition("=")
-                if sep and key.strip() == name:
-                    values.append(val.strip())
-    return values
+    def __init__(self, scope: Scope, cookie: str | None, header: bytes | None) -> None:
+        self.ids: list[str] = []
+        self.origin = self.host = self.fetch_site = None
+        from_header = None
+        for name, value in scope["headers"]:
+            if name == b"cookie" and cookie is not None:
+                for pair in value.decode("latin-1").split(";"):
+                    key, sep, val = pair.partition("=")
+                    if sep and key.strip() == cookie:
+                        self.ids.append(val.strip())
+            elif name == header:
+                from_header = value.decode("latin-1")
+            elif name == b"origin":
+                self.origin = value.decode("latin-1")
+            elif name == b"host":
+                self.host = value.decode("latin-1")
+            elif name == b"sec-fetch-site":
+                self.fetch_site = value.decode("latin-1")
+        if from_header is not None:  # the cookie wins when both hold a valid ID
+            self.ids.append(from_header)
 
-
-def _cross_site(scope: Scope) -> bool:
-    """True when a browser says the request comes from another origin: its ``Origin``
-    differs from the request's own, or (without ``Origin``) ``Sec-Fetch-Site`` is
-    ``cross-site`` or ``same-site`` (a sibling subdomain)."""
-    origin = _header(scope, b"origin")
-    if origin is not None:
-        host = _header(scope, b"host")
-        parts = urlsplit(origin)
-        return origin == "null" or host is None or parts.netloc.lower() != host.lower()
-    return _header(scope, b"sec-fetch-site") in ("cross-site", "same-site")
+    def cross_site(self) -> bool:
+        """True when a browser says the request comes from another origin: its
+        ``Origin`` differs from the request's own, or (without ``Origin``)
+        ``Sec-Fetch-Site`` is ``cross-site`` or ``same-site`` (a sibling subdomain)."""
+        if self.origin is not None:
+            netloc = urlsplit(self.origin).netloc.lower()
+            return self.origin == "null" or self.host is None or netloc != self.host.lower()
+        return self.fetch_site in ("cross-site", "same-site")
 
 
 def _with_headers(headers: Iterable[Header], added: list[tuple[str, str]]) -> list[Header]:
@@ -64,12 +69,14 @@ def _with_vary(headers: Iterable[Header], varies: str) -> list[Header]:
     """``headers`` with ``varies`` added to ``Vary`` (a page built from the session must
     not be served from a shared cache to another user)."""
     kept = list(headers)
+    if not any(name == b"vary" for name, _ in kept):
+        kept.append((b"vary", varies.encode("latin-1")))
+        return kept
     for index, (name, value) in enumerate(kept):
         if name == b"vary":
             if varies.lower() not in value.decode("latin-1").lower():
                 kept[index] = (name, value + b", " + varies.encode("latin-1"))
-            return kept
-    kept.append((b"vary", varies.encode("latin-1")))
+            break
     return kept
 
 
@@ -119,17 +126,15 @@ class SessionMiddleware:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        if self.check_origin and scope.get("method") in _UNSAFE and _cross_site(scope):
+        manager = self.manager
+        cookie = manager.cookie.name if manager.cookie is not None else None
+        header = manager.header.encode("latin-1") if manager.header is not None else None
+        request = _Request(scope, cookie, header)
+        if self.check_origin and scope.get("method") in _UNSAFE and request.cross_site():
             await send({"type": "http.response.start", "status": 403, "headers": []})
             await send({"type": "http.response.body", "body": b"cross-site request refused"})
             return
-        manager = self.manager
-        ids = []
-        if manager.cookie is not None:
-            ids = _cookie_values(scope, manager.cookie.name)
-        if manager.header is not None:
-            ids.append(_header(scope, manager.header.encode("latin-1")) or "")
-        session = manager.open(ids)
+        session = manager.open(request.ids)
         scope["session"] = session
         varies = "Cookie" if manager.cookie is not None else str(manager.header)
         # Whether this request's session is saved at all: decided once, by the status of

@@ -138,6 +138,9 @@ class Saved(NamedTuple):
     """With ``cookie_id``, for a persistent session: seconds the client should keep it."""
 
 
+_UNCHANGED = Saved(None, False)
+
+
 class Session:
     """The session of one request: ``session = request.scope["session"]``.
 
@@ -274,12 +277,13 @@ class Session:
                 target.pop(key, None)
             else:
                 target[key] = value
-        fields = {} if base is None else {
-            name: getattr(base, name)
-            for name in ("user", "user_meta", "csrf", "limits", "persistent")
-        }  # fmt: skip
-        fields.update(self._fields)
-        return Stored(data, flash, created, now, None, **fields)
+        merged = Stored(data, flash, created, now, None)
+        if base is not None:
+            merged = Stored(
+                data, flash, created, now, None, base.user, base.user_meta, base.csrf,
+                base.limits, base.persistent,
+            )  # fmt: skip
+        return merged._replace(**self._fields) if self._fields else merged
 
     async def get(self, key: str, default: Any = None) -> Any:
         """The value stored at ``key`` (a new copy on every call), or ``default``."""
@@ -467,6 +471,8 @@ class Session:
             ConditionFailedError: the session kept changing under this write for 50
                 tries.
         """
+        if not self.modified and not self._refresh_due:
+            return _UNCHANGED
         if headers_sent and self._next_id is not None:
             logger.warning(_TOO_LATE)
             return Saved(None, False)  # keep the old ID and its data

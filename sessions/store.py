@@ -12,9 +12,9 @@ user, the CSRF token and per-session limits). A session that ended (destroyed, r
 moved to a new ID (regenerated) leaves a small marker for a grace period, so no request
 still running with the old version can bring it back.
 
-A session bound to a user also has an index entry at
-``<prefix>-user:<user hash>:<handle>``, written before the session itself: listing one
-user's sessions is one listing of that user's entries, never a scan of all sessions.
+A session bound to a user is also recorded in that user's index, one item per user at
+``<prefix>-user:<user hash>`` (handle -> when the session ends at the latest), written
+before the session itself: finding one user's sessions is one read, never a scan.
 
 Values stay serialized (``msgspec.Raw``) while a session is in memory: a request
 decodes only the values it reads and re-encodes only those it sets.
@@ -23,15 +23,17 @@ decodes only the values it reads and re-encodes only those it sets.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import logging
 import os
 import re
 import secrets
 import stat
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 from msgspec import Raw
@@ -45,6 +47,7 @@ from kvstorage import (
     create_storage,
     normalize_key,
 )
+from kvstorage.retry import backoff
 from kvstorage.urls import redact_url
 
 __all__ = [
@@ -92,9 +95,11 @@ def _digest(data: bytes) -> str:
     return base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
 
 
+@functools.lru_cache(maxsize=4096)
 def handle_of(session_id: str) -> str:
     """The handle of a session: the SHA-256 of its ID in unpadded URL-safe base64. What
-    the storage and :meth:`SessionManager.sessions_of` show instead of the ID."""
+    the storage and :meth:`SessionManager.sessions_of` show instead of the ID. (Cached:
+    the IDs of active sessions come back on every request.)"""
     return _digest(session_id.encode("ascii"))
 
 
@@ -114,11 +119,14 @@ class _Document(msgspec.Struct, omit_defaults=True):
 
 _encode_document = msgspec.json.Encoder().encode
 _decode_document = msgspec.json.Decoder(_Document).decode
+_encode_index = msgspec.json.Encoder().encode
+_decode_index = msgspec.json.Decoder(dict[str, float | None]).decode
+_INDEX_GRACE = 60.0  # seconds an emptied user index is kept
 
 
-@dataclass(frozen=True, slots=True)
-class Stored:
-    """One version of a session in the storage (values still serialized)."""
+class Stored(NamedTuple):
+    """One version of a session in the storage (values still serialized). A tuple:
+    sessions build one per request, and a tuple is the cheapest record to build."""
 
     data: dict[str, Raw]
     flash: dict[str, Raw]
@@ -133,7 +141,7 @@ class Stored:
     persistent: bool = False
     ended: bool = False
     """A marker left by an ended session (destroyed or revoked)."""
-    moved_to: str | None = field(default=None)
+    moved_to: str | None = None
     """A marker left by a regenerated session: the handle it moved to."""
 
     @property
@@ -237,9 +245,6 @@ class SessionStore:
     def index_prefix(self) -> str:
         """The base under which the per-user index lives."""
         return f"{self.prefix}-user"
-
-    def _user_base(self, user_id: str) -> str:
-        return f"{self.index_prefix}:{_digest(b'user:' + user_id.encode())}"
 
     # -- values -------------------------------------------------------------------------
 
@@ -352,30 +357,87 @@ class SessionStore:
 
     # -- the per-user index -------------------------------------------------------------
 
-    async def bind(self, user_id: str, handle: str, *, ttl: float | None) -> None:
-        """Record that the session ``handle`` belongs to ``user_id`` (for ``ttl``
-        seconds: at least as long as the session may live)."""
-        key = f"{self._user_base(user_id)}:{handle}"
-        await self.storage.set_item_raw(key, b"1", ttl=ttl)
+    def _user_key(self, user_id: str) -> str:
+        return f"{self.index_prefix}:{_digest(b'user:' + user_id.encode())}"
 
-    async def unbind(self, user_id: str, handle: str) -> None:
-        """Forget that the session ``handle`` belongs to ``user_id``."""
-        await self.storage.remove_item(f"{self._user_base(user_id)}:{handle}")
+    async def _read_index(self, key: str) -> tuple[dict[str, float | None], str | None]:
+        """The live entries of one user's index (handle -> when the session ends at the
+        latest) and the etag to write it back (None: missing)."""
+        entry = await self.storage.get_entry_raw(key)
+        if entry is None:
+            return {}, None
+        try:
+            index = _decode_index(entry.value)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self._report_corrupt(key, exc)
+            index = {}
+        now = time.time()
+        return {h: end for h, end in index.items() if end is None or end > now}, entry.etag
+
+    async def _change_index(self, key: str, change: Callable[[dict[str, Any]], None]) -> None:
+        """Apply ``change`` to the user index stored at ``key`` with a conditional write
+        (re-read and re-applied when another request wrote it meanwhile)."""
+        for attempt in range(100):
+            index, etag = await self._read_index(key)
+            change(index)
+            ends = list(index.values())
+            if not ends and etag is None:
+                return
+            ttl: float | None = _INDEX_GRACE  # an empty index goes away by itself
+            if ends:
+                ttl = None if None in ends else max(e for e in ends if e is not None) - time.time()
+            try:
+                await self.storage.set_item_raw(
+                    key, _encode_index(index), ttl=ttl, if_absent=etag is None, if_match=etag
+                )
+            except ConditionFailedError:
+                await backoff(attempt)
+                continue
+            return
+        raise ConditionFailedError("the user's session index kept changing")
+
+    async def bind(self, user_id: str, handle: str, *, ttl: float | None) -> None:
+        """Record that the session ``handle`` belongs to ``user_id``, for ``ttl`` seconds
+        (at least as long as the session may live; None: no limit)."""
+        end = None if ttl is None else time.time() + ttl
+
+        def add(index: dict[str, Any]) -> None:
+            index[handle] = end
+
+        await self._change_index(self._user_key(user_id), add)
+
+    async def unbind(self, user_id: str, *handles: str) -> None:
+        """Forget that the sessions ``handles`` belong to ``user_id``."""
+
+        def drop(index: dict[str, Any]) -> None:
+            for handle in handles:
+                index.pop(handle, None)
+
+        await self._change_index(self._user_key(user_id), drop)
 
     async def handles_of(self, user_id: str) -> list[str]:
-        """The handles of every session recorded for ``user_id`` (some may have ended)."""
-        base = self._user_base(user_id)
-        return [key[len(base) + 1 :] for key in await self.storage.get_keys(base)]
+        """The handles of every session recorded for ``user_id`` (one read: one item per
+        user, whatever the number of sessions stored; some may have ended)."""
+        index, _ = await self._read_index(self._user_key(user_id))
+        return list(index)
 
-    async def index_entries(self) -> list[tuple[str, str]]:
-        """``(storage key, handle)`` of every index entry of every user (for cleanup)."""
-        return [
-            (key, key.rsplit(":", 1)[1]) async for key in self.storage.iter_keys(self.index_prefix)
-        ]
+    async def index_entries(self) -> list[tuple[str, list[str]]]:
+        """``(index key, handles)`` of every user (for cleanup: this lists them all)."""
+        found = []
+        async for key in self.storage.iter_keys(self.index_prefix):
+            index, _ = await self._read_index(key)
+            found.append((key, list(index)))
+        return found
 
-    async def remove_keys(self, keys: list[str]) -> int:
-        """Delete these storage keys (index entries found stale)."""
-        return await self.storage.remove_items(keys)
+    async def prune_index(self, key: str, dead: list[str]) -> None:
+        """Drop the entries ``dead`` from the index stored at ``key`` (found by
+        :meth:`index_entries`)."""
+
+        def drop(index: dict[str, Any]) -> None:
+            for handle in dead:
+                index.pop(handle, None)
+
+        await self._change_index(key, drop)
 
     def _report_corrupt(self, handle: str, exc: Exception) -> None:
         """Log corrupt data once per session (of the last 1024), not on every request."""

@@ -162,9 +162,10 @@ async def run_model(make_driver: DriverFactory, seed: int, plans: list[list[Any]
             assert session.user_id == client.user
             assert set(await session.keys()) == client.written, client
     await manager.sweep()
-    for _, handle in await manager.store.index_entries():
-        stored = await manager.store.read(handle)
-        assert stored is not None and stored.live, handle
+    for _, handles in await manager.store.index_entries():
+        for handle in handles:
+            stored = await manager.store.read(handle)
+            assert stored is not None and stored.live, handle
     await manager.dispose()
 
 
