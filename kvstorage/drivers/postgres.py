@@ -128,10 +128,13 @@ class _Unreachable:
         driver = self._driver
         pool = driver._pool
         if pool is not None:  # a restart broke them all: do not hand out the others
-            pool.expire_connections()
+            task = asyncio.get_running_loop().create_task(pool.expire_connections())
+            driver._background.add(task)
+            task.add_done_callback(driver._background.discard)
         detail = str(exc) or type(exc).__name__
+        url = f" ({driver._shown})" if driver._shown else ""
         raise DriverUnavailableError(
-            f"cannot reach PostgreSQL at {driver.where}: {detail}", driver=driver.name
+            f"cannot reach PostgreSQL at {driver.where}{url}: {detail}", driver=driver.name
         ) from exc
 
 
@@ -223,6 +226,7 @@ class PostgresDriver(Driver):
         }
         self._unreachable = _Unreachable(self)
         self._watchers: set[Callable[[], Awaitable[None]]] = set()
+        self._background: set[asyncio.Task[None]] = set()
         t = f'"{table}"'
         self._t = t
         columns = "value, version, mtime, expires_at"
@@ -387,7 +391,7 @@ class PostgresDriver(Driver):
                     raise ConditionFailedError(f"etag of {key!r} does not match") from None
                 if not -(2**63) <= version < 2**63:
                     raise ConditionFailedError(f"etag of {key!r} does not match")
-                status = await pool.execute(
+                status: str = await pool.execute(
                     self._sql_set_match, key, value, expires_at, now, version
                 )
                 if status == "UPDATE 0":
@@ -402,13 +406,13 @@ class PostgresDriver(Driver):
     async def remove(self, key: str) -> bool:
         with self._unreachable:
             pool = self._ready_pool or await self._connect()
-            status = await pool.execute(self._sql_remove, key, time.time())
+            status: str = await pool.execute(self._sql_remove, key, time.time())
         return status != "DELETE 0"
 
     async def touch(self, key: str, *, expires_at: float | None) -> bool:
         with self._unreachable:
             pool = self._ready_pool or await self._connect()
-            status = await pool.execute(self._sql_touch, key, expires_at, time.time())
+            status: str = await pool.execute(self._sql_touch, key, expires_at, time.time())
         return status != "UPDATE 0"
 
     # -- batches ------------------------------------------------------------------------
@@ -444,14 +448,16 @@ class PostgresDriver(Driver):
             async with pool.acquire() as connection, connection.transaction():
                 for start in range(0, len(keys), _BATCH):
                     end = start + _BATCH
-                    await connection.execute(sql, keys[start:end], values[start:end], expires_at, now)
+                    await connection.execute(
+                        sql, keys[start:end], values[start:end], expires_at, now
+                    )
 
     async def remove_many(self, keys: Sequence[str]) -> int:
         if not keys:
             return 0
         with self._unreachable:
             pool = self._ready_pool or await self._connect()
-            status = await pool.execute(self._sql_remove_many, list(keys), time.time())
+            status: str = await pool.execute(self._sql_remove_many, list(keys), time.time())
         return _count(status)
 
     # -- listing and clearing -----------------------------------------------------------
@@ -475,9 +481,7 @@ class PostgresDriver(Driver):
             where += " AND key < $3"
             params += (key_range(base)[1],)
         if max_depth is not None:
-            where += (
-                f" AND length(key) - length(replace(key, ':', '')) <= ${len(params) + 3}"
-            )
+            where += f" AND length(key) - length(replace(key, ':', '')) <= ${len(params) + 3}"
             params += (max_depth + (base.count(":") + 1 if base else 0),)
         sql = f"SELECT key FROM {self._t} WHERE {where} ORDER BY key LIMIT {_PAGE}"
         after = key_range(base)[0] if base else ""
@@ -503,7 +507,7 @@ class PostgresDriver(Driver):
         sql = f"DELETE FROM {self._t} WHERE expires_at <= $1" + (f" AND {where}" if where else "")
         with self._unreachable:
             pool = self._ready_pool or await self._connect()
-            status = await pool.execute(sql, time.time(), *params)
+            status: str = await pool.execute(sql, time.time(), *params)
         return _count(status)
 
     # -- watching -----------------------------------------------------------------------
