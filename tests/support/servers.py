@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -328,3 +329,24 @@ def postgres_server() -> Iterator[str | None]:
         yield server.url
     finally:
         server.destroy()
+
+
+def _serve(kind: str) -> None:
+    """``python -m tests.support.servers postgres``: start a throwaway server, print its
+    URL, and run until SIGTERM or SIGINT (then delete it). For shell scripts (``.ci/run``)."""
+    if kind != "postgres":
+        raise SystemExit(f"unknown server {kind!r}; known: postgres")
+    server = PostgresServer()
+    server.start()
+    try:
+        print(server.url, flush=True)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.destroy()
+
+
+if __name__ == "__main__":
+    _serve(*sys.argv[1:2])
