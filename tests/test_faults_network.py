@@ -1,4 +1,5 @@
-"""Network faults against the Redis and S3 drivers, through real proxies on loopback.
+"""Network faults against the Redis, S3 and PostgreSQL drivers, through real proxies on
+loopback.
 
 * Redis behind a TCP proxy that stalls (a black hole) and then cuts (resets) connections,
   and a Redis server stopped and restarted, each under concurrent load: every call fails
@@ -9,6 +10,8 @@
 * S3 (moto) behind an HTTP proxy answering 500/503 for a seeded fifth of the requests
   (before or after forwarding them) and delaying others: batches and listing succeed
   through botocore's retries, and listing returns every key exactly once.
+* PostgreSQL stopped and restarted under the same load, and behind a TCP proxy resetting
+  connections while ``update_item`` runs (never applied twice).
 
 The figures go to RELIABILITY.md (section "faults").
 """
@@ -31,13 +34,14 @@ from redis.asyncio import Redis
 from kvstorage import DriverError, Storage, create_storage
 from kvstorage.drivers import RedisDriver
 
+from .backends.postgres import drop_tables, require_postgres, unique_table
 from .backends.redis import unique_base
 from .backends.redis_cluster import NODES, RedisCluster, require_redis_cluster, start_cluster
 from .backends.s3 import REGION
 from .support import reliability
 from .support.faults.http_proxy import HttpFaultProxy
 from .support.faults.tcp_proxy import Mode, TcpFaultProxy
-from .support.servers import RedisServer, free_port
+from .support.servers import PostgresServer, RedisServer, free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -608,4 +612,75 @@ async def test_s3_conditional_writes_retried_after_a_lost_response(
         failed_cleanly=failed,
         applied_twice=0,
         lost_writes=0,
+    )
+
+
+# -- PostgreSQL -----------------------------------------------------------------------------
+
+
+def _postgres_url(server: PostgresServer, port: int) -> str:
+    """The server's URL (with its password) through ``port``, a table of the test's own."""
+    return (
+        f"postgresql://{server.user}:{server.password}@127.0.0.1:{port}/postgres"
+        f"?table={unique_table()}&timeout={TIMEOUT}"
+    )
+
+
+@pytest.mark.slow
+async def test_postgres_conditional_writes_are_not_resent_after_a_reset(
+    postgres_server: PostgresServer,
+) -> None:
+    # Connections cut while update_item runs: a write whose connection broke fails with
+    # DriverUnavailableError and is never resent, so no update is applied twice.
+    proxy = TcpFaultProxy(postgres_server.port)
+    store = create_storage(_postgres_url(postgres_server, proxy.port))
+    table = store.get_mount("").driver.table  # type: ignore[attr-defined]
+    try:
+        figures = await _update_item_under_resets(store, [proxy], ["log"])
+    finally:
+        await store.dispose()
+        proxy.close()
+        await drop_tables(postgres_server.url, [table])
+    reliability.record("faults", "postgres: proxy resets connections during update_item", **figures)
+
+
+@pytest.mark.slow
+async def test_postgres_stopped_and_restarted_under_load() -> None:
+    require_postgres()
+    server = PostgresServer()
+    server.start()
+    store = create_storage(_postgres_url(server, server.port))
+    load = Load(store)
+    marks: dict[str, float] = {}
+
+    async def stop() -> None:
+        marks["stop:switch"] = time.monotonic()
+        await anyio.to_thread.run_sync(server.stop)
+        marks["stop"] = time.monotonic()
+
+    async def restart() -> None:
+        marks["restart:switch"] = time.monotonic()
+        await anyio.to_thread.run_sync(server.start)  # same data: every write must survive
+        marks["restart"] = time.monotonic()
+
+    try:
+        await load.run([(0.5, None), (1.5, stop), (1.5, restart)])
+        _check_calls(load)
+        figures = _fault_figures(load, marks["stop"], marks["restart:switch"], marks["restart"])
+        lost = await load.lost_writes()
+        assert not lost, f"acknowledged writes lost: {lost[:5]}"
+        counter = await store.get_item("counter")
+        assert load.increments["acked"] <= counter <= sum(load.increments.values())
+    finally:
+        await store.dispose()
+        server.destroy()
+    acked = sum(w.acked for writes in load.writes.values() for w in writes)
+    reliability.record(
+        "faults",
+        "postgres: server stopped and restarted under load",
+        calls=len(load.calls),
+        acked_writes=acked,
+        lost_writes=0,
+        hung=0,
+        **figures,
     )
