@@ -9,8 +9,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from kvstorage import Storage
-
 from .targets import Target
 
 OPERATIONS = [
