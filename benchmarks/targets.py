@@ -178,8 +178,8 @@ async def raw_sqlite(db_path: Path) -> Target:
 async def raw_postgres(url: str, max_size: int = 10) -> Target:
     """asyncpg at its best for this work, sending the statements PostgresDriver sends: a
     pool as large as the driver's (without the reset query after each call, as the
-    driver's), a table of the same layout, one statement per call, keyset pages of 1000
-    keys for listing, and no kvstorage code on the way."""
+    driver's) with the same session settings, a table of the same layout, one statement
+    per call, keyset pages of 1000 keys for listing, and no kvstorage code on the way."""
     import time
     import uuid
 
@@ -188,7 +188,11 @@ async def raw_postgres(url: str, max_size: int = 10) -> Target:
     async def no_reset(connection: Any) -> None:
         pass
 
-    pool = await asyncpg.create_pool(url, min_size=1, max_size=max_size, reset=no_reset)
+    from kvstorage.drivers.postgres import SERVER_SETTINGS
+
+    pool = await asyncpg.create_pool(
+        url, min_size=1, max_size=max_size, reset=no_reset, server_settings=SERVER_SETTINGS
+    )
     t = f'"raw_{uuid.uuid4().hex[:12]}"'
     await pool.execute(
         f'CREATE TABLE {t} (key text COLLATE "C" PRIMARY KEY, expires_at double precision, '

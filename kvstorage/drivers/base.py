@@ -37,6 +37,7 @@ Contract, in short:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import sys
 import time
@@ -58,6 +59,9 @@ __all__ = [
     "make_record",
     "require_asyncio",
 ]
+
+#: Keys per list of the default :meth:`Driver.scan_pages`.
+SCAN_PAGE = 256
 
 #: The callback a watching driver reports changes to: ``emit("update" | "remove", key)``.
 EmitEvent = Callable[[Literal["update", "remove"], str], None]
@@ -166,6 +170,26 @@ class Driver(ABC):
         """
 
     # -- operations with defaults built on the four above -------------------------------
+
+    async def scan_pages(
+        self, base: str = "", *, max_depth: int | None = None
+    ) -> AsyncGenerator[list[str], None]:
+        """Yield the keys :meth:`scan` yields, a list at a time (never an empty list).
+
+        The core lists through this method, so that a key costs one step of an async
+        generator, not one per layer. The default groups :meth:`scan` by
+        :data:`SCAN_PAGE` keys; drivers that read keys a page at a time from their backend
+        (SQL, S3) yield those pages as they come.
+        """
+        page: list[str] = []
+        async with contextlib.aclosing(self.scan(base, max_depth=max_depth)) as keys:
+            async for key in keys:
+                page.append(key)
+                if len(page) >= SCAN_PAGE:
+                    yield page
+                    page = []
+        if page:
+            yield page
 
     async def head(self, key: str) -> Stat | None:
         """Return size, etag and times without the value (default: via :meth:`get`)."""
