@@ -266,47 +266,57 @@ async def test_redis_through_a_proxy_that_stalls_then_cuts(proxy: TcpFaultProxy)
     reliability.record("faults", "redis: proxy cuts connections", **common, **cut)
 
 
+async def _restarted_under_load(
+    store: Storage, stop: Any, start: Any, *, keeps_data: bool
+) -> dict[str, Any]:
+    """Run the load on ``store`` while its server is stopped (``stop``, blocking) and
+    started again (``start``); assert that calls failed cleanly during the outage,
+    succeeded after it, and that no acknowledged write was lost (only those made after
+    the restart, unless the server ``keeps_data``). Return the figures to record."""
+    load = Load(store)
+    marks: dict[str, float] = {}
+
+    async def down() -> None:
+        marks["stop:switch"] = time.monotonic()
+        await anyio.to_thread.run_sync(stop)
+        marks["stop"] = time.monotonic()
+
+    async def up() -> None:
+        marks["restart:switch"] = time.monotonic()
+        await anyio.to_thread.run_sync(start)
+        marks["restart"] = time.monotonic()
+        if not keeps_data:  # the new server starts empty: only writes from now on count
+            load.since = marks["restart"]
+
+    await load.run([(0.5, None), (1.5, down), (1.5, up)])
+    _check_calls(load)
+    figures = _fault_figures(load, marks["stop"], marks["restart:switch"], marks["restart"])
+    lost = await load.lost_writes()
+    assert not lost, f"acknowledged writes lost: {lost[:5]}"
+    counter = await store.get_item("counter")
+    counted = [c for c in load.calls if c.op == "update_item" and c.started >= load.since]
+    assert sum(c.error is None for c in counted) <= counter <= sum(load.increments.values())
+    acked = sum(w.acked and w.started >= load.since for ws in load.writes.values() for w in ws)
+    return {
+        "calls": len(load.calls),
+        "acked_writes": acked,
+        "lost_writes": 0,
+        "hung": 0,
+        **figures,
+    }
+
+
 @pytest.mark.slow
 async def test_redis_killed_and_restarted_under_load(tmp_path: Path) -> None:
     server = RedisServer(free_port(), tmp_path / "restart")
     server.start()
     store = create_storage(RedisDriver(server.url, base=unique_base(), timeout=TIMEOUT))
-    load = Load(store)
-    marks: dict[str, float] = {}
-
-    async def kill() -> None:
-        marks["kill:switch"] = time.monotonic()
-        await anyio.to_thread.run_sync(server.stop)
-        marks["kill"] = time.monotonic()
-
-    async def restart() -> None:
-        marks["restart:switch"] = time.monotonic()
-        await anyio.to_thread.run_sync(server.start)
-        # The new server starts empty: only writes from now on must survive.
-        load.since = marks["restart"] = time.monotonic()
-
     try:
-        await load.run([(0.5, None), (1.5, kill), (1.5, restart)])
-        _check_calls(load)
-        figures = _fault_figures(load, marks["kill"], marks["restart:switch"], marks["restart"])
-        lost = await load.lost_writes()
-        assert not lost, f"acknowledged writes lost: {lost[:5]}"
-        counter = await store.get_item("counter")
-        after = [c for c in load.calls if c.op == "update_item" and c.started >= load.since]
-        assert sum(c.error is None for c in after) <= counter <= sum(load.increments.values())
+        figures = await _restarted_under_load(store, server.stop, server.start, keeps_data=False)
     finally:
         await store.dispose()
         server.stop()
-    acked = sum(w.acked and w.started >= load.since for ws in load.writes.values() for w in ws)
-    reliability.record(
-        "faults",
-        "redis: server killed and restarted under load",
-        calls=len(load.calls),
-        acked_writes=acked,
-        lost_writes=0,
-        hung=0,
-        **figures,
-    )
+    reliability.record("faults", "redis: server killed and restarted under load", **figures)
 
 
 # -- S3 -------------------------------------------------------------------------------------
@@ -650,37 +660,9 @@ async def test_postgres_stopped_and_restarted_under_load() -> None:
     server = PostgresServer()
     server.start()
     store = create_storage(_postgres_url(server, server.port))
-    load = Load(store)
-    marks: dict[str, float] = {}
-
-    async def stop() -> None:
-        marks["stop:switch"] = time.monotonic()
-        await anyio.to_thread.run_sync(server.stop)
-        marks["stop"] = time.monotonic()
-
-    async def restart() -> None:
-        marks["restart:switch"] = time.monotonic()
-        await anyio.to_thread.run_sync(server.start)  # same data: every write must survive
-        marks["restart"] = time.monotonic()
-
     try:
-        await load.run([(0.5, None), (1.5, stop), (1.5, restart)])
-        _check_calls(load)
-        figures = _fault_figures(load, marks["stop"], marks["restart:switch"], marks["restart"])
-        lost = await load.lost_writes()
-        assert not lost, f"acknowledged writes lost: {lost[:5]}"
-        counter = await store.get_item("counter")
-        assert load.increments["acked"] <= counter <= sum(load.increments.values())
+        figures = await _restarted_under_load(store, server.stop, server.start, keeps_data=True)
     finally:
         await store.dispose()
         server.destroy()
-    acked = sum(w.acked for writes in load.writes.values() for w in writes)
-    reliability.record(
-        "faults",
-        "postgres: server stopped and restarted under load",
-        calls=len(load.calls),
-        acked_writes=acked,
-        lost_writes=0,
-        hung=0,
-        **figures,
-    )
+    reliability.record("faults", "postgres: server stopped and restarted under load", **figures)

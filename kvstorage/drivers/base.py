@@ -55,6 +55,7 @@ __all__ = [
     "Record",
     "Stat",
     "check_condition",
+    "check_table",
     "is_expired",
     "make_record",
     "require_asyncio",
@@ -299,3 +300,28 @@ def check_condition(key: str, etag: str | None, *, if_absent: bool, if_match: st
         raise ConditionFailedError(f"key {key!r} already exists")
     if if_match is not None and etag != if_match:
         raise ConditionFailedError(f"etag of {key!r} does not match")
+
+
+def check_table(
+    driver: str, table: str, where: str, *, version: int | None, supported: int, exists: bool
+) -> bool:
+    """For SQL drivers that record each table's layout version in ``kvstorage_schema``:
+    given the ``version`` recorded for ``table`` (None: no record) and whether a table of
+    that name ``exists``, return True when it is ours and ready, False when it is to be
+    created. Raise :class:`~kvstorage.errors.DriverError` for a newer layout than
+    ``supported`` or a table kvstorage did not create. ``where`` names the database."""
+    if version is not None:
+        if version > supported:
+            raise DriverError(
+                f"table {table!r} in {where} has schema version {version}; this kvstorage "
+                f"reads up to version {supported} (upgrade kvstorage)",
+                driver=driver,
+            )
+        return True  # migrations from older versions go here
+    if exists:
+        raise DriverError(
+            f"{where} already has a table or index named {table!r} that kvstorage did not "
+            "create; choose another table name",
+            driver=driver,
+        )
+    return False

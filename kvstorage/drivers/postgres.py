@@ -52,10 +52,19 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
-from ..errors import ConditionFailedError, DriverError, DriverUnavailableError
+from ..errors import ConditionFailedError, DriverUnavailableError
 from ..keys import key_range
 from ..urls import redact_url
-from .base import Capabilities, Driver, EmitEvent, Record, Stat, make_record, require_asyncio
+from .base import (
+    Capabilities,
+    Driver,
+    EmitEvent,
+    Record,
+    Stat,
+    check_table,
+    make_record,
+    require_asyncio,
+)
 
 __all__ = ["PostgresDriver"]
 
@@ -334,20 +343,16 @@ class PostgresDriver(Driver):
         version = await connection.fetchval(
             "SELECT version FROM kvstorage_schema WHERE name = $1", self.table
         )
-        if version is not None:
-            if version > SCHEMA_VERSION:
-                raise DriverError(
-                    f"table {self.table!r} at {self.where} has schema version {version}; "
-                    f"this kvstorage reads up to version {SCHEMA_VERSION} (upgrade kvstorage)",
-                    driver=self.name,
-                )
-            return  # migrations from older versions go here
-        if await connection.fetchval("SELECT to_regclass($1)", self._t) is not None:
-            raise DriverError(
-                f"{self.where} already has a table or index named {self.table!r} that "
-                "kvstorage did not create; choose another table name",
-                driver=self.name,
-            )
+        exists = await connection.fetchval("SELECT to_regclass($1)", self._t) is not None
+        if check_table(
+            self.name,
+            self.table,
+            self.where,
+            version=version,
+            supported=SCHEMA_VERSION,
+            exists=exists,
+        ):
+            return
         # value last: reading the other columns never touches a large value's TOAST
         await connection.execute(
             f'CREATE TABLE {self._t} (key text COLLATE "C" PRIMARY KEY, '

@@ -85,14 +85,21 @@ class RedisServer:
 
     def stop(self) -> None:
         """Stop the server by its pid and wait until it is gone."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process(self.process, signal.SIGTERM)
         self.process = None
+
+
+def stop_process(process: subprocess.Popen[bytes] | None, sig: int) -> None:
+    """Send ``sig`` to a server we started (nothing if it has ended) and wait until it is
+    gone, killing it after 30 s."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(sig)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
 
 
 def ping(port: int) -> bool:
@@ -299,13 +306,7 @@ class PostgresServer:
 
     def stop(self) -> None:
         """Fast shutdown (SIGINT: running sessions are ended) by pid; wait until gone."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process(self.process, signal.SIGINT)
         self.process = None
 
     def destroy(self) -> None:
