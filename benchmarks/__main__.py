@@ -156,7 +156,10 @@ async def bench_driver(
             compared.append(target)
     sizes = scaling_sizes(name, quick) if scaling else []
     scaled = [target for target in compared if target.iter_keys is not None]
-    total = rounds * len(compared) * len(OPERATIONS) + 2 * len(sizes) * len(scaled)
+    # Beside a raw baseline, the scaling run too takes turns for several rounds (best kept).
+    scaling_rounds = rounds if len(scaled) > 1 else 1
+    total = rounds * len(compared) * len(OPERATIONS)
+    total += 2 * len(sizes) * len(scaled) * scaling_rounds
     task = progress.add_task(name, total=total)
     rows: list[Row] = []
     try:
@@ -170,8 +173,11 @@ async def bench_driver(
             if problem:
                 console.print(f"[yellow]unstorage peer skipped: {problem}[/yellow]")
             rows += node_rows
+        scaling: list[Row] = []
         for size in sizes:
-            rows += await run_scaling(name, scaled, size, lambda: progress.advance(task))
+            for _ in range(scaling_rounds):
+                scaling += await run_scaling(name, scaled, size, lambda: progress.advance(task))
+        rows += best_rounds(scaling)
     finally:
         for target in compared:
             if target.kind != "ours":
