@@ -173,11 +173,11 @@ async def bench_driver(
             if problem:
                 console.print(f"[yellow]unstorage peer skipped: {problem}[/yellow]")
             rows += node_rows
-        scaling: list[Row] = []
+        scaled_rows: list[Row] = []
         for size in sizes:
             for _ in range(scaling_rounds):
-                scaling += await run_scaling(name, scaled, size, lambda: progress.advance(task))
-        rows += best_rounds(scaling)
+                scaled_rows += await run_scaling(name, scaled, size, lambda: progress.advance(task))
+        rows += best_rounds(scaled_rows)
     finally:
         for target in compared:
             if target.kind != "ours":
