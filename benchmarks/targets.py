@@ -198,6 +198,7 @@ async def raw_postgres(url: str, max_size: int = 10) -> Target:
         f'CREATE TABLE {t} (key text COLLATE "C" PRIMARY KEY, expires_at double precision, '
         "mtime double precision NOT NULL, version bigint NOT NULL, value bytea NOT NULL)"
     )
+    await pool.execute(f"CREATE INDEX ON {t} (expires_at) WHERE expires_at IS NOT NULL")
     version = "(random() * 4611686018427387904)::int8"
     upsert = (
         "ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = "
