@@ -2,7 +2,8 @@
 ``pip install '.[all]'`` (no test or benchmark extras), it imports the package and writes,
 reads, lists and removes through every driver.
 
-Usage: python clean_install.py REDIS_URL S3_ENDPOINT_URL (servers started by .ci/run).
+Usage: python clean_install.py REDIS_URL S3_ENDPOINT_URL POSTGRES_URL (servers started by
+.ci/run).
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ import tempfile
 
 import kvstorage
 from kvstorage import create_storage
-from kvstorage.drivers import FSDriver, MemoryDriver, RedisDriver, S3Driver, SQLiteDriver
+from kvstorage.drivers import (
+    FSDriver,
+    MemoryDriver,
+    PostgresDriver,
+    RedisDriver,
+    S3Driver,
+    SQLiteDriver,
+)
 
 
 async def exercise(name: str, driver: kvstorage.Driver) -> None:
@@ -33,7 +41,7 @@ async def exercise(name: str, driver: kvstorage.Driver) -> None:
     print(f"ok {name}")
 
 
-async def main(redis_url: str, s3_endpoint: str) -> None:
+async def main(redis_url: str, s3_endpoint: str, postgres_url: str) -> None:
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
     with tempfile.TemporaryDirectory() as directory:
         await exercise("memory", MemoryDriver())
@@ -47,7 +55,8 @@ async def main(redis_url: str, s3_endpoint: str) -> None:
     ) as client:
         await client.create_bucket(Bucket="clean-install")
     await exercise("s3", S3Driver("clean-install", endpoint_url=s3_endpoint, region="us-east-1"))
+    await exercise("postgres", PostgresDriver(postgres_url, table="clean_install"))
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2]))
+    asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3]))

@@ -2,7 +2,7 @@
 and the peers, measured in the same run.
 
     python -m benchmarks                       # memory, fs, sqlite (no server needed)
-    python -m benchmarks --drivers all --quick # + redis and s3 on servers it starts itself
+    python -m benchmarks --drivers all --quick # + redis, s3 and postgres on servers it starts
     python -m benchmarks --json out.json --plot out.png
 """
 
@@ -26,7 +26,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from kvstorage import Storage, create_storage
-from tests.support.servers import moto_server, redis_server
+from tests.support.servers import moto_server, postgres_server, redis_server
 
 from . import targets, unstorage
 from .report import pivot, ratio
@@ -34,7 +34,7 @@ from .targets import Target
 from .workload import OPERATIONS, Row, best_rounds, run_scaling, run_workload
 
 LOCAL = ["memory", "fs", "sqlite"]
-ALL = [*LOCAL, "redis", "s3"]
+ALL = [*LOCAL, "redis", "s3", "postgres"]
 NODE_PEERS = {"memory", "fs", "redis"}
 console = Console(stderr=True)
 
@@ -42,10 +42,17 @@ console = Console(stderr=True)
 class Context:
     """What the per-driver set-ups need: a scratch directory and server addresses."""
 
-    def __init__(self, tmp: Path, redis_url: str | None, s3_url: str | None) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        redis_url: str | None,
+        s3_url: str | None,
+        postgres_url: str | None = None,
+    ) -> None:
         self.tmp = tmp
         self.redis_url = redis_url
         self.s3_url = s3_url
+        self.postgres_url = postgres_url
 
     def path(self, name: str) -> Path:
         """A fresh path under the scratch directory."""
@@ -101,6 +108,14 @@ def setup_driver(name: str, ctx: Context) -> Setup:
             return create_storage(driver)
 
         return ours, [lambda: targets.raw_s3(endpoint, bucket)]
+    if name == "postgres":
+        dsn = ctx.postgres_url
+        if dsn is None:
+            raise LookupError("PostgreSQL (initdb, postgres) is not installed")
+        table = f"bench_{uuid.uuid4().hex[:12]}"
+        return lambda: create_storage(drivers.PostgresDriver(dsn, table=table)), [
+            lambda: targets.raw_postgres(dsn),
+        ]
     raise ValueError(f"unknown driver {name!r}; known: {', '.join(ALL)}")
 
 
@@ -140,37 +155,46 @@ async def bench_driver(
         if target is not None:
             compared.append(target)
     sizes = scaling_sizes(name, quick) if scaling else []
-    total = rounds * len(compared) * len(OPERATIONS) + 2 * len(sizes)
+    scaled = [target for target in compared if target.iter_keys is not None]
+    # Beside a raw baseline, the scaling run too takes turns for several rounds (best kept).
+    scaling_rounds = rounds if len(scaled) > 1 else 1
+    total = rounds * len(compared) * len(OPERATIONS)
+    total += 2 * len(sizes) * len(scaled) * scaling_rounds
     task = progress.add_task(name, total=total)
     rows: list[Row] = []
     try:
         for _ in range(rounds):
             for target in compared:
                 rows += await run_workload(name, target, count, lambda: progress.advance(task))
+        rows = best_rounds(rows)
+        if name in NODE_PEERS and not skip_node:
+            where = {"fs": str(ctx.path("unstorage-fs")), "redis": ctx.redis_url or ""}
+            node_rows, problem = await unstorage.run(name, count, where.get(name, ""))
+            if problem:
+                console.print(f"[yellow]unstorage peer skipped: {problem}[/yellow]")
+            rows += node_rows
+        scaled_rows: list[Row] = []
+        for size in sizes:
+            for _ in range(scaling_rounds):
+                scaled_rows += await run_scaling(name, scaled, size, lambda: progress.advance(task))
+        rows += best_rounds(scaled_rows)
     finally:
         for target in compared:
             if target.kind != "ours":
                 await target.close()
-    rows = best_rounds(rows)
-    if name in NODE_PEERS and not skip_node:
-        where = {"fs": str(ctx.path("unstorage-fs")), "redis": ctx.redis_url or ""}.get(name, "")
-        node_rows, problem = await unstorage.run(name, count, where)
-        if problem:
-            console.print(f"[yellow]unstorage peer skipped: {problem}[/yellow]")
-        rows += node_rows
-    for size in sizes:
-        rows += await run_scaling(name, storage, size, lambda: progress.advance(task))
-    await storage.dispose()
+        await storage.dispose()
     return rows
 
 
-async def bench_sessions(quick: bool, redis_url: str | None) -> list[Row]:
+async def bench_sessions(
+    quick: bool, redis_url: str | None, postgres_url: str | None = None
+) -> list[Row]:
     """The session middleware benchmark (skipped without Starlette or starsessions)."""
     try:
         from . import sessions as session_bench
     except ImportError:
         return []
-    return await session_bench.run(quick=quick, redis_url=redis_url)
+    return await session_bench.run(quick=quick, redis_url=redis_url, postgres_url=postgres_url)
 
 
 def render(rows: list[Row]) -> None:
@@ -274,7 +298,8 @@ async def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         redis_url = stack.enter_context(redis_server()) if "redis" in names else None
         s3_url = stack.enter_context(moto_server()) if "s3" in names else None
-        ctx = Context(Path(tmp), redis_url, s3_url)
+        pg_url = stack.enter_context(postgres_server()) if "postgres" in names else None
+        ctx = Context(Path(tmp), redis_url, s3_url, pg_url)
         progress = Progress(
             TextColumn("{task.description:>8}"), BarColumn(), TimeElapsedColumn(), console=console
         )
@@ -291,7 +316,7 @@ async def main(argv: list[str] | None = None) -> int:
                     progress,
                 )
         if not args.no_sessions:
-            rows += await bench_sessions(args.quick, redis_url)
+            rows += await bench_sessions(args.quick, redis_url, pg_url)
     render(rows)
     if args.json:
         payload = {

@@ -2,15 +2,18 @@
 way an ASGI server calls it (no HTTP client, see ``_Caller``), for
 
 * a read-only request (``get`` one key) and a read-write request (``get`` + ``set``),
-* with ``sessions.SessionMiddleware`` on memory (and on Redis when a URL is given),
+* with ``sessions.SessionMiddleware`` on memory (and on Redis and PostgreSQL when their
+  URLs are given),
 * beside the same app with no session middleware (the floor: framework + client cost),
 * beside starsessions (its in-memory store, and its ``RedisStore`` on the same Redis),
 * and, on Redis, beside the same app doing by hand the round trips any server-side session
   needs (``GET`` to read; ``GET`` then ``SET`` to read and write) with a bare redis-py
-  client: the floor no session store on that Redis can beat.
+  client: the floor no session store on that Redis can beat; on PostgreSQL the same
+  with a bare asyncpg pool (``SELECT``; ``SELECT`` then ``INSERT ... ON CONFLICT``).
 
 Every request carries the cookie of one existing session. Run alone with
-``python -m benchmarks.sessions [--quick] [--redis redis://127.0.0.1:PORT/0]``.
+``python -m benchmarks.sessions [--quick] [--redis redis://127.0.0.1:PORT/0]
+[--postgres postgresql://user:password@127.0.0.1:PORT/db]``.
 """
 
 from __future__ import annotations
@@ -124,6 +127,54 @@ def raw_redis_app(redis_url: str) -> tuple[App, Callable[[], Awaitable[None]]]:
         return JSONResponse({"n": n})
 
     return _app(read, write), client.aclose
+
+
+def raw_postgres_app(url: str) -> tuple[App, Callable[[], Awaitable[None]]]:
+    """The app with no session layer but the session's round trips made with a bare
+    asyncpg pool: one ``SELECT`` to read, ``SELECT`` + ``INSERT ... ON CONFLICT`` to read
+    and write (the pool and its table are made on the first request)."""
+    import asyncpg
+
+    table = f'"bench_raw_session_{uuid.uuid4().hex[:12]}"'
+    key = "session:raw"
+    pools: list[Any] = []
+
+    async def no_reset(connection: Any) -> None:
+        pass
+
+    async def pool() -> Any:
+        if not pools:
+            made = await asyncpg.create_pool(url, min_size=1, max_size=10, reset=no_reset)
+            await made.execute(
+                f'CREATE TABLE {table} (key text COLLATE "C" PRIMARY KEY, '
+                "expires_at double precision, value bytea NOT NULL)"
+            )
+            pools.append(made)
+        return pools[0]
+
+    async def read(request: Request) -> Response:
+        stored = await (await pool()).fetchval(f"SELECT value FROM {table} WHERE key = $1", key)
+        return JSONResponse({"n": int(stored or 0)})
+
+    async def write(request: Request) -> Response:
+        db = await pool()
+        n = int(await db.fetchval(f"SELECT value FROM {table} WHERE key = $1", key) or 0) + 1
+        await db.execute(
+            f"INSERT INTO {table} (key, expires_at, value) VALUES ($1, $2, $3) "
+            "ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at, "
+            "value = excluded.value",
+            key,
+            time.time() + 3600,
+            str(n).encode(),
+        )
+        return JSONResponse({"n": n})
+
+    async def close() -> None:
+        for made in pools:
+            await made.execute(f"DROP TABLE {table}")
+            await made.close()
+
+    return _app(read, write), close
 
 
 class _Caller:
@@ -262,7 +313,7 @@ def _with_base(url: str, base: str) -> str:
     return f"{url}{'&' if '?' in url else '?'}base={base}"
 
 
-async def run(*, quick: bool, redis_url: str | None) -> list[Row]:
+async def run(*, quick: bool, redis_url: str | None, postgres_url: str | None = None) -> list[Row]:
     """Measure every target; one row per (group, operation, target), ops in requests/s."""
     count, rounds = (200, 3) if quick else (500, 10)
     groups = {
@@ -280,6 +331,14 @@ async def run(*, quick: bool, redis_url: str | None) -> list[Row]:
             "starsessions (redis)": lambda: starsessions_app(redis_url),
             "bare GET/SET, no sessions": lambda: raw_redis_app(redis_url),
         }
+    if postgres_url is not None:
+        table = f"bench_sessions_{uuid.uuid4().hex[:12]}"
+        pg_sessions = f"{postgres_url}{'&' if '?' in postgres_url else '?'}table={table}"
+        groups["sessions (postgres)"] = {
+            "kvstorage sessions (postgres)": lambda: kvstorage_app(pg_sessions),
+            "no session middleware": lambda: (plain_app(), None),
+            "bare SELECT/INSERT, no sessions": lambda: raw_postgres_app(postgres_url),
+        }
     rows: list[Row] = []
     for group, targets in groups.items():
         rows += await _measure(group, targets, count, rounds)
@@ -295,8 +354,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--redis", default=None, help="redis://host:port/db of a scratch Redis")
+    parser.add_argument(
+        "--postgres", default=None, help="postgresql://... of a scratch PostgreSQL database"
+    )
     args = parser.parse_args()
-    rows = anyio.run(lambda: run(quick=args.quick, redis_url=args.redis))
+    rows = anyio.run(
+        lambda: run(quick=args.quick, redis_url=args.redis, postgres_url=args.postgres)
+    )
     lines = pivot(rows)
     for group in dict.fromkeys(line.driver for line in lines):
         print(f"\n{group}")

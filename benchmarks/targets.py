@@ -8,7 +8,7 @@ operation (a raw client without listing, say) leaves it as None and the row is s
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,11 @@ _decode = msgspec.json.decode
 
 @dataclass
 class Target:
-    """One thing to measure. ``kind`` is ``"ours"``, ``"raw"`` or ``"peer"``."""
+    """One thing to measure. ``kind`` is ``"ours"``, ``"raw"`` or ``"peer"``.
+
+    ``fill``, ``iter_keys`` and ``clear`` (optional) take part in the listing scaling run:
+    store many ``(key, value)`` pairs at once, stream the keys under a base, delete them.
+    """
 
     name: str
     kind: str
@@ -35,6 +39,9 @@ class Target:
     get_many: Callable[[list[str]], Awaitable[Any]] | None = None
     keys: Callable[[str], Awaitable[list[str]]] | None = None
     close: Callable[[], Awaitable[None]] = field(default=lambda: _noop())
+    fill: Callable[[list[tuple[str, Value]]], Awaitable[Any]] | None = None
+    iter_keys: Callable[[str], AsyncIterator[str]] | None = None
+    clear: Callable[[str], Awaitable[Any]] | None = None
 
 
 async def _noop() -> None:
@@ -56,6 +63,9 @@ def ours(name: str, storage: Storage) -> Target:
         get_many=get_many,
         keys=storage.get_keys,
         close=storage.dispose,
+        fill=storage.set_items,
+        iter_keys=storage.iter_keys,
+        clear=storage.clear,
     )
 
 
@@ -163,6 +173,107 @@ async def raw_sqlite(db_path: Path) -> Target:
         return [row[0] for row in await db.execute_fetchall(sql, (base + ":", base + ";"))]
 
     return Target("raw aiosqlite", "raw", set_, get, remove, get_many, keys, db.close)
+
+
+async def raw_postgres(url: str, max_size: int = 10) -> Target:
+    """asyncpg at its best for this work, sending the statements PostgresDriver sends: a
+    pool as large as the driver's (without the reset query after each call, as the
+    driver's) with the same session settings, a table of the same layout, one statement
+    per call, keyset pages of 1000 keys for listing, and no kvstorage code on the way."""
+    import time
+    import uuid
+
+    import asyncpg
+
+    async def no_reset(connection: Any) -> None:
+        pass
+
+    from kvstorage.drivers.postgres import SERVER_SETTINGS
+
+    pool = await asyncpg.create_pool(
+        url, min_size=1, max_size=max_size, reset=no_reset, server_settings=SERVER_SETTINGS
+    )
+    t = f'"raw_{uuid.uuid4().hex[:12]}"'
+    await pool.execute(
+        f'CREATE TABLE {t} (key text COLLATE "C" PRIMARY KEY, expires_at double precision, '
+        "mtime double precision NOT NULL, version bigint NOT NULL, value bytea NOT NULL)"
+    )
+    await pool.execute(f"CREATE INDEX ON {t} (expires_at) WHERE expires_at IS NOT NULL")
+    version = "(random() * 4611686018427387904)::int8"
+    upsert = (
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = "
+        "excluded.expires_at, mtime = excluded.mtime, version = excluded.version"
+    )
+    sql_set = (
+        f"INSERT INTO {t} (key, value, expires_at, mtime, version) "
+        f"VALUES ($1, $2, $3, $4, {version}) {upsert}"
+    )
+    sql_fill = (
+        f"INSERT INTO {t} (key, value, expires_at, mtime, version) "
+        f"SELECT key, value, $3, $4, {version} "
+        f"FROM unnest($1::text[], $2::bytea[]) AS u(key, value) {upsert}"
+    )
+    sql_get = f"SELECT value, version, mtime, expires_at FROM {t} WHERE key = $1"
+    sql_get_many = (
+        "SELECT t.value, t.version, t.mtime, t.expires_at FROM unnest($1::text[]) "
+        f"WITH ORDINALITY AS k(key, i) LEFT JOIN {t} AS t ON t.key = k.key ORDER BY k.i"
+    )
+    live = "(expires_at IS NULL OR expires_at > $2)"
+    sql_remove = f"DELETE FROM {t} WHERE key = $1 AND {live}"
+    sql_page = f"SELECT key FROM {t} WHERE key > $1 AND {live} AND key < $3 ORDER BY key LIMIT 1000"
+    sql_clear = f"DELETE FROM {t} WHERE key >= $1 AND key < $2"
+
+    async def set_(key: str, value: Value) -> None:
+        await pool.execute(sql_set, key, _encode(value), None, time.time())
+
+    async def get(key: str) -> Any:
+        row = await pool.fetchrow(sql_get, key)
+        return None if row is None else _decode(row[0])
+
+    async def remove(key: str) -> None:
+        await pool.execute(sql_remove, key, time.time())
+
+    async def get_many(keys: list[str]) -> Any:
+        rows = await pool.fetch(sql_get_many, keys)
+        return [None if row[0] is None else _decode(row[0]) for row in rows]
+
+    async def iter_keys(base: str) -> AsyncIterator[str]:
+        after, end = base + ":", base + ";"
+        while True:
+            rows = await pool.fetch(sql_page, after, time.time(), end)
+            for row in rows:
+                yield row[0]
+            if len(rows) < 1000:
+                return
+            after = rows[-1][0]
+
+    async def keys(base: str) -> list[str]:
+        return [key async for key in iter_keys(base)]
+
+    async def fill(items: list[tuple[str, Value]]) -> None:
+        keys = [key for key, _ in items]
+        await pool.execute(sql_fill, keys, [_encode(v) for _, v in items], None, time.time())
+
+    async def clear(base: str) -> None:
+        await pool.execute(sql_clear, base + ":", base + ";")
+
+    async def close() -> None:
+        await pool.execute(f"DROP TABLE {t}")
+        await pool.close()
+
+    return Target(
+        "raw asyncpg",
+        "raw",
+        set_,
+        get,
+        remove,
+        get_many,
+        keys,
+        close,
+        fill=fill,
+        iter_keys=iter_keys,
+        clear=clear,
+    )
 
 
 def raw_redis(url: str) -> Target:

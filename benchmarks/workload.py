@@ -9,8 +9,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from kvstorage import Storage
-
 from .targets import Target
 
 OPERATIONS = [
@@ -151,35 +149,43 @@ class PeakRSS:
 
 
 async def run_scaling(
-    driver: str, storage: Storage, size: int, advance: Callable[[], None]
+    driver: str, targets: list[Target], size: int, advance: Callable[[], None]
 ) -> list[Row]:
-    """Fill ``size`` keys, then time ``iter_keys`` (counting, never materializing) and
-    ``clear`` with their peak memory growth."""
+    """On each target that can (``fill``, ``iter_keys``, ``clear``): fill ``size`` keys,
+    then time ``iter_keys`` (counting, never materializing) and ``clear`` with their peak
+    memory growth. ``advance`` is called twice per target."""
     batch = 1000
     payload = {"n": 0}
-    for start in range(0, size, batch):
-        await storage.set_items((f"scale:{i}", payload) for i in range(start, start + batch))
     rows = []
-    with PeakRSS() as memory:
-        started = time.perf_counter()
-        count = 0
-        async for _ in storage.iter_keys("scale"):
-            count += 1
-        seconds = time.perf_counter() - started
-    if count != size:
-        raise AssertionError(f"{driver}: iter_keys saw {count} keys, expected {size}")
-    rows.append(
-        Row(driver, f"iter_keys {size:,}", "kvstorage", "ours", count / seconds, seconds, size)
-    )
-    rows[-1].peak_mb = memory.peak_mb
-    advance()
-    with PeakRSS() as memory:
-        started = time.perf_counter()
-        await storage.clear("scale")
-        seconds = time.perf_counter() - started
-    rows.append(Row(driver, f"clear {size:,}", "kvstorage", "ours", size / seconds, seconds, size))
-    rows[-1].peak_mb = memory.peak_mb
-    advance()
-    if await storage.get_keys("scale"):
-        raise AssertionError(f"{driver}: clear left keys behind")
+    for target in targets:
+        if target.fill is None or target.iter_keys is None or target.clear is None:
+            continue
+        for start in range(0, size, batch):
+            await target.fill([(f"scale:{i}", payload) for i in range(start, start + batch)])
+        with PeakRSS() as memory:
+            started = time.perf_counter()
+            count = 0
+            async for _ in target.iter_keys("scale"):
+                count += 1
+            seconds = time.perf_counter() - started
+        if count != size:
+            raise AssertionError(f"{driver}: {target.name} saw {count} keys, expected {size}")
+        row = Row(
+            driver, f"iter_keys {size:,}", target.name, target.kind, count / seconds, seconds, size
+        )
+        row.peak_mb = memory.peak_mb if target.kind == "ours" else None
+        rows.append(row)
+        advance()
+        with PeakRSS() as memory:
+            started = time.perf_counter()
+            await target.clear("scale")
+            seconds = time.perf_counter() - started
+        row = Row(
+            driver, f"clear {size:,}", target.name, target.kind, size / seconds, seconds, size
+        )
+        row.peak_mb = memory.peak_mb if target.kind == "ours" else None
+        rows.append(row)
+        advance()
+        if target.keys is not None and await target.keys("scale"):
+            raise AssertionError(f"{driver}: {target.name}'s clear left keys behind")
     return rows

@@ -182,18 +182,24 @@ def _as_bytes(data: Any) -> bytes:
     raise SerializationError(f"raw values must be bytes, not {type(data).__name__}")
 
 
-async def _scan_visible(part: Slice, max_depth: int | None) -> AsyncGenerator[str, None]:
-    """The driver keys of ``part`` that a listing shows: not hidden by a nested mount and,
-    when the driver does not honour ``max_depth`` itself, not deeper than it."""
+async def _scan_visible(part: Slice, max_depth: int | None) -> AsyncGenerator[list[str], None]:
+    """The driver keys of ``part`` that a listing shows, a page at a time: not hidden by a
+    nested mount and, when the driver does not honour ``max_depth`` itself, not deeper
+    than it."""
     driver = part.mount.driver
-    filter_depth = max_depth is not None and not driver.capabilities.max_depth
-    async with aclosing(driver.scan(part.driver_base, max_depth=max_depth)) as keys:
-        async for rel in keys:
-            if not part.shows(rel):
-                continue
-            if filter_depth and depth_below(part.driver_base, rel) > max_depth:  # type: ignore[operator]
-                continue
-            yield rel
+    depth = None if driver.capabilities.max_depth else max_depth  # to filter here
+    async with aclosing(driver.scan_pages(part.driver_base, max_depth=max_depth)) as pages:
+        async for page in pages:
+            if part.masked or depth is not None:
+                page = [rel for rel in page if _listed(part, rel, depth)]
+            if page:
+                yield page
+
+
+def _listed(part: Slice, rel: str, max_depth: int | None) -> bool:
+    return part.shows(rel) and (
+        max_depth is None or depth_below(part.driver_base, rel) <= max_depth
+    )
 
 
 class Storage:
@@ -556,9 +562,10 @@ class Storage:
                 continue
             prefix = part.mount.prefix
             try:
-                async with aclosing(_scan_visible(part, depth)) as keys:
-                    async for rel in keys:
-                        yield (prefix + rel)[strip:]
+                async with aclosing(_scan_visible(part, depth)) as pages:
+                    async for page in pages:
+                        for rel in page:
+                            yield (prefix + rel)[strip:]
             except Exception as exc:
                 _raise_driver_error(part.mount, exc)
 
@@ -580,8 +587,8 @@ class Storage:
                     await mount.driver.clear(part.driver_base)
                     continue
                 # Listed in full before removing: a driver's scan need not survive removals.
-                async with aclosing(_scan_visible(part, None)) as keys:
-                    batch = [rel async for rel in keys]
+                async with aclosing(_scan_visible(part, None)) as pages:
+                    batch = [rel async for page in pages for rel in page]
                 for start in range(0, len(batch), _BATCH):
                     chunk = batch[start : start + _BATCH]
                     await mount.driver.remove_many(chunk)

@@ -17,7 +17,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("kvstorage", "sessions")
-BACKEND_LIBRARIES = {"redis", "aiosqlite", "aiobotocore", "botocore", "watchfiles", "aiofiles"}
+BACKEND_LIBRARIES = {
+    "redis",
+    "aiosqlite",
+    "aiobotocore",
+    "botocore",
+    "watchfiles",
+    "aiofiles",
+    "asyncpg",
+}
 
 
 def _modules() -> dict[str, Path]:

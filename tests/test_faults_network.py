@@ -1,4 +1,5 @@
-"""Network faults against the Redis and S3 drivers, through real proxies on loopback.
+"""Network faults against the Redis, S3 and PostgreSQL drivers, through real proxies on
+loopback.
 
 * Redis behind a TCP proxy that stalls (a black hole) and then cuts (resets) connections,
   and a Redis server stopped and restarted, each under concurrent load: every call fails
@@ -9,6 +10,8 @@
 * S3 (moto) behind an HTTP proxy answering 500/503 for a seeded fifth of the requests
   (before or after forwarding them) and delaying others: batches and listing succeed
   through botocore's retries, and listing returns every key exactly once.
+* PostgreSQL stopped and restarted under the same load, and behind a TCP proxy resetting
+  connections while ``update_item`` runs (never applied twice).
 
 The figures go to RELIABILITY.md (section "faults").
 """
@@ -31,13 +34,14 @@ from redis.asyncio import Redis
 from kvstorage import DriverError, Storage, create_storage
 from kvstorage.drivers import RedisDriver
 
+from .backends.postgres import drop_tables, require_postgres, unique_table
 from .backends.redis import unique_base
 from .backends.redis_cluster import NODES, RedisCluster, require_redis_cluster, start_cluster
 from .backends.s3 import REGION
 from .support import reliability
 from .support.faults.http_proxy import HttpFaultProxy
 from .support.faults.tcp_proxy import Mode, TcpFaultProxy
-from .support.servers import RedisServer, free_port
+from .support.servers import PostgresServer, RedisServer, free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -262,47 +266,57 @@ async def test_redis_through_a_proxy_that_stalls_then_cuts(proxy: TcpFaultProxy)
     reliability.record("faults", "redis: proxy cuts connections", **common, **cut)
 
 
+async def _restarted_under_load(
+    store: Storage, stop: Any, start: Any, *, keeps_data: bool
+) -> dict[str, Any]:
+    """Run the load on ``store`` while its server is stopped (``stop``, blocking) and
+    started again (``start``); assert that calls failed cleanly during the outage,
+    succeeded after it, and that no acknowledged write was lost (only those made after
+    the restart, unless the server ``keeps_data``). Return the figures to record."""
+    load = Load(store)
+    marks: dict[str, float] = {}
+
+    async def down() -> None:
+        marks["stop:switch"] = time.monotonic()
+        await anyio.to_thread.run_sync(stop)
+        marks["stop"] = time.monotonic()
+
+    async def up() -> None:
+        marks["restart:switch"] = time.monotonic()
+        await anyio.to_thread.run_sync(start)
+        marks["restart"] = time.monotonic()
+        if not keeps_data:  # the new server starts empty: only writes from now on count
+            load.since = marks["restart"]
+
+    await load.run([(0.5, None), (1.5, down), (1.5, up)])
+    _check_calls(load)
+    figures = _fault_figures(load, marks["stop"], marks["restart:switch"], marks["restart"])
+    lost = await load.lost_writes()
+    assert not lost, f"acknowledged writes lost: {lost[:5]}"
+    counter = await store.get_item("counter")
+    counted = [c for c in load.calls if c.op == "update_item" and c.started >= load.since]
+    assert sum(c.error is None for c in counted) <= counter <= sum(load.increments.values())
+    acked = sum(w.acked and w.started >= load.since for ws in load.writes.values() for w in ws)
+    return {
+        "calls": len(load.calls),
+        "acked_writes": acked,
+        "lost_writes": 0,
+        "hung": 0,
+        **figures,
+    }
+
+
 @pytest.mark.slow
 async def test_redis_killed_and_restarted_under_load(tmp_path: Path) -> None:
     server = RedisServer(free_port(), tmp_path / "restart")
     server.start()
     store = create_storage(RedisDriver(server.url, base=unique_base(), timeout=TIMEOUT))
-    load = Load(store)
-    marks: dict[str, float] = {}
-
-    async def kill() -> None:
-        marks["kill:switch"] = time.monotonic()
-        await anyio.to_thread.run_sync(server.stop)
-        marks["kill"] = time.monotonic()
-
-    async def restart() -> None:
-        marks["restart:switch"] = time.monotonic()
-        await anyio.to_thread.run_sync(server.start)
-        # The new server starts empty: only writes from now on must survive.
-        load.since = marks["restart"] = time.monotonic()
-
     try:
-        await load.run([(0.5, None), (1.5, kill), (1.5, restart)])
-        _check_calls(load)
-        figures = _fault_figures(load, marks["kill"], marks["restart:switch"], marks["restart"])
-        lost = await load.lost_writes()
-        assert not lost, f"acknowledged writes lost: {lost[:5]}"
-        counter = await store.get_item("counter")
-        after = [c for c in load.calls if c.op == "update_item" and c.started >= load.since]
-        assert sum(c.error is None for c in after) <= counter <= sum(load.increments.values())
+        figures = await _restarted_under_load(store, server.stop, server.start, keeps_data=False)
     finally:
         await store.dispose()
         server.stop()
-    acked = sum(w.acked and w.started >= load.since for ws in load.writes.values() for w in ws)
-    reliability.record(
-        "faults",
-        "redis: server killed and restarted under load",
-        calls=len(load.calls),
-        acked_writes=acked,
-        lost_writes=0,
-        hung=0,
-        **figures,
-    )
+    reliability.record("faults", "redis: server killed and restarted under load", **figures)
 
 
 # -- S3 -------------------------------------------------------------------------------------
@@ -609,3 +623,46 @@ async def test_s3_conditional_writes_retried_after_a_lost_response(
         applied_twice=0,
         lost_writes=0,
     )
+
+
+# -- PostgreSQL -----------------------------------------------------------------------------
+
+
+def _postgres_url(server: PostgresServer, port: int) -> str:
+    """The server's URL (with its password) through ``port``, a table of the test's own."""
+    return (
+        f"postgresql://{server.user}:{server.password}@127.0.0.1:{port}/postgres"
+        f"?table={unique_table()}&timeout={TIMEOUT}"
+    )
+
+
+@pytest.mark.slow
+async def test_postgres_conditional_writes_are_not_resent_after_a_reset(
+    postgres_server: PostgresServer,
+) -> None:
+    # Connections cut while update_item runs: a write whose connection broke fails with
+    # DriverUnavailableError and is never resent, so no update is applied twice.
+    proxy = TcpFaultProxy(postgres_server.port)
+    store = create_storage(_postgres_url(postgres_server, proxy.port))
+    table = store.get_mount("").driver.table  # type: ignore[attr-defined]
+    try:
+        figures = await _update_item_under_resets(store, [proxy], ["log"])
+    finally:
+        await store.dispose()
+        proxy.close()
+        await drop_tables(postgres_server.url, [table])
+    reliability.record("faults", "postgres: proxy resets connections during update_item", **figures)
+
+
+@pytest.mark.slow
+async def test_postgres_stopped_and_restarted_under_load() -> None:
+    require_postgres()
+    server = PostgresServer()
+    server.start()
+    store = create_storage(_postgres_url(server, server.port))
+    try:
+        figures = await _restarted_under_load(store, server.stop, server.start, keeps_data=True)
+    finally:
+        await store.dispose()
+        server.destroy()
+    reliability.record("faults", "postgres: server stopped and restarted under load", **figures)

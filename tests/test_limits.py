@@ -29,7 +29,7 @@ HUGE = 50 * 2**20
 PEAK_COPIES = {"s3": 8.0}  # measured: memory 0, fs 1, sqlite 1, redis 3.8, s3 4.3
 
 
-@pytest.mark.only_drivers("memory", "fs", "sqlite", "redis", "s3")
+@pytest.mark.only_drivers("memory", "fs", "sqlite", "redis", "s3", "postgres")
 async def test_huge_value_round_trips(storage: Storage, backend_spec: BackendSpec) -> None:
     blob = os.urandom(2**20) * 50  # 50 MiB, incompressible within each MiB
     started = time.perf_counter()
@@ -68,10 +68,12 @@ def _url(spec: BackendSpec, storage: Storage, request: pytest.FixtureRequest) ->
     if spec.name == "s3":
         query = urlencode({"endpoint_url": driver.endpoint_url, "region": driver.region})
         return f"s3://{driver.bucket}/{driver.prefix.rstrip('/')}?{query}"
+    if spec.name == "postgres":
+        return f"{request.getfixturevalue('postgres_server').url}?table={driver.table}"
     return None
 
 
-@pytest.mark.only_drivers("fs", "sqlite", "redis", "s3")
+@pytest.mark.only_drivers("fs", "sqlite", "redis", "s3", "postgres")
 async def test_two_processes_increment_one_counter(
     storage: Storage, backend_spec: BackendSpec, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:

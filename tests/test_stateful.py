@@ -8,6 +8,7 @@ state machine are synchronous. ``KVSTORAGE_LONG_TESTS=1`` runs more and longer e
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,13 +22,21 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from kvstorage import Driver, Storage, create_storage, prefix_storage
-from kvstorage.drivers import FSDriver, MemoryDriver, RedisDriver, S3Driver, SQLiteDriver
+from kvstorage.drivers import (
+    FSDriver,
+    MemoryDriver,
+    PostgresDriver,
+    RedisDriver,
+    S3Driver,
+    SQLiteDriver,
+)
 
+from .backends.postgres import drop_tables, unique_table
 from .backends.s3 import REGION
 from .support.reliability import record
 from .test_model import LONG, Model, apply, check, operations
 
-DRIVERS = ["memory", "fs", "sqlite", "redis", "s3"]
+DRIVERS = ["memory", "fs", "sqlite", "redis", "s3", "postgres"]
 
 
 @pytest.fixture
@@ -48,6 +57,16 @@ def make_driver(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Call
         endpoint: str = request.getfixturevalue("s3_endpoint")
         bucket = f"sm-{uuid.uuid4().hex[:12]}"
         yield from _s3_drivers(endpoint, bucket)
+    elif name == "postgres":
+        url = request.getfixturevalue("postgres_server").url
+        tables: list[str] = []
+
+        def postgres() -> PostgresDriver:
+            tables.append(unique_table())
+            return PostgresDriver(url, table=tables[-1])
+
+        yield postgres
+        asyncio.run(drop_tables(url, tables))
     else:  # pragma: no cover
         raise ValueError(name)
 

@@ -65,7 +65,8 @@ class BrokenDriver(Driver):
 def test_import_needs_no_backend_library() -> None:
     code = (
         "import sys, kvstorage, kvstorage.drivers; s = kvstorage.create_storage();"
-        "libs = ('redis', 'aiobotocore', 'botocore', 'aiosqlite', 'aiofiles', 'watchfiles');"
+        "libs = ('redis', 'aiobotocore', 'botocore', 'aiosqlite', 'aiofiles', 'watchfiles',"
+        " 'asyncpg');"
         "bad = [m for m in libs if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

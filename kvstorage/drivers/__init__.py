@@ -14,6 +14,9 @@ class              URL                       extra
                    ``rediss://``,
                    ``redis+cluster://h:p,h:p``
 ``S3Driver``       ``s3://bucket/prefix``    ``s3``
+``PostgresDriver`` ``postgresql://u:p@h:p/`` ``postgres``
+                   ``db?table=kv``,
+                   ``postgres://...``
 =================  ========================  ===============================================
 """
 
@@ -27,6 +30,7 @@ from .base import Driver
 if TYPE_CHECKING:  # for type checkers only: at run time each class loads on first use
     from .fs import FSDriver as FSDriver
     from .memory import MemoryDriver as MemoryDriver
+    from .postgres import PostgresDriver as PostgresDriver
     from .redis import RedisDriver as RedisDriver
     from .s3 import S3Driver as S3Driver
     from .sqlite import SQLiteDriver as SQLiteDriver
@@ -46,6 +50,7 @@ _REGISTRY = (
     _Registered("SQLiteDriver", "sqlite", "sqlite", ("sqlite",)),
     _Registered("RedisDriver", "redis", "redis", ("redis", "rediss", "redis+cluster")),
     _Registered("S3Driver", "s3", "s3", ("s3",)),
+    _Registered("PostgresDriver", "postgres", "postgres", ("postgresql", "postgres")),
 )
 _BY_CLASS = {entry.class_name: entry for entry in _REGISTRY}
 _BY_SCHEME = {scheme: entry for entry in _REGISTRY for scheme in entry.schemes}

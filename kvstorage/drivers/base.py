@@ -37,6 +37,7 @@ Contract, in short:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import sys
 import time
@@ -54,10 +55,14 @@ __all__ = [
     "Record",
     "Stat",
     "check_condition",
+    "check_table",
     "is_expired",
     "make_record",
     "require_asyncio",
 ]
+
+#: Keys per list of the default :meth:`Driver.scan_pages`.
+SCAN_PAGE = 256
 
 #: The callback a watching driver reports changes to: ``emit("update" | "remove", key)``.
 EmitEvent = Callable[[Literal["update", "remove"], str], None]
@@ -167,6 +172,26 @@ class Driver(ABC):
 
     # -- operations with defaults built on the four above -------------------------------
 
+    async def scan_pages(
+        self, base: str = "", *, max_depth: int | None = None
+    ) -> AsyncGenerator[list[str], None]:
+        """Yield the keys :meth:`scan` yields, a list at a time (never an empty list).
+
+        The core lists through this method, so that a key costs one step of an async
+        generator, not one per layer. The default groups :meth:`scan` by
+        :data:`SCAN_PAGE` keys; drivers that read keys a page at a time from their backend
+        (SQL, S3) yield those pages as they come.
+        """
+        page: list[str] = []
+        async with contextlib.aclosing(self.scan(base, max_depth=max_depth)) as keys:
+            async for key in keys:
+                page.append(key)
+                if len(page) >= SCAN_PAGE:
+                    yield page
+                    page = []
+        if page:
+            yield page
+
     async def head(self, key: str) -> Stat | None:
         """Return size, etag and times without the value (default: via :meth:`get`)."""
         record = await self.get(key)
@@ -275,3 +300,28 @@ def check_condition(key: str, etag: str | None, *, if_absent: bool, if_match: st
         raise ConditionFailedError(f"key {key!r} already exists")
     if if_match is not None and etag != if_match:
         raise ConditionFailedError(f"etag of {key!r} does not match")
+
+
+def check_table(
+    driver: str, table: str, where: str, *, version: int | None, supported: int, exists: bool
+) -> bool:
+    """For SQL drivers that record each table's layout version in ``kvstorage_schema``:
+    given the ``version`` recorded for ``table`` (None: no record) and whether a table of
+    that name ``exists``, return True when it is ours and ready, False when it is to be
+    created. Raise :class:`~kvstorage.errors.DriverError` for a newer layout than
+    ``supported`` or a table kvstorage did not create. ``where`` names the database."""
+    if version is not None:
+        if version > supported:
+            raise DriverError(
+                f"table {table!r} in {where} has schema version {version}; this kvstorage "
+                f"reads up to version {supported} (upgrade kvstorage)",
+                driver=driver,
+            )
+        return True  # migrations from older versions go here
+    if exists:
+        raise DriverError(
+            f"{where} already has a table or index named {table!r} that kvstorage did not "
+            "create; choose another table name",
+            driver=driver,
+        )
+    return False

@@ -20,10 +20,18 @@ import aiosqlite
 import anyio
 import anyio.to_thread
 
-from ..errors import ConditionFailedError, DriverError, DriverUnavailableError
+from ..errors import ConditionFailedError, DriverUnavailableError
 from ..keys import key_range
 from ..urls import redact_url
-from .base import Capabilities, Driver, Record, Stat, make_record, require_asyncio
+from .base import (
+    Capabilities,
+    Driver,
+    Record,
+    Stat,
+    check_table,
+    make_record,
+    require_asyncio,
+)
 
 __all__ = ["SQLiteDriver"]
 
@@ -231,26 +239,22 @@ class SQLiteDriver(Driver):
                 "SELECT version FROM kvstorage_schema WHERE name = ?", (self.table,)
             )
         )
-        if rows:
-            version = rows[0][0]
-            if version > SCHEMA_VERSION:
-                raise DriverError(
-                    f"table {self.table!r} in {self.path!r} has schema version {version}; "
-                    f"this kvstorage reads up to version {SCHEMA_VERSION} (upgrade kvstorage)",
-                    driver=self.name,
-                )
-            return  # migrations from older versions go here
         exists = list(
             await db.execute_fetchall(
                 "SELECT 1 FROM sqlite_master WHERE name = ? COLLATE NOCASE", (self.table,)
             )
         )
-        if exists:
-            raise DriverError(
-                f"{self.path!r} already has a table or index named {self.table!r} that "
-                "kvstorage did not create; choose another table name",
-                driver=self.name,
-            )
+        version = rows[0][0] if rows else None
+        where = repr(self.path)
+        if check_table(
+            self.name,
+            self.table,
+            where,
+            version=version,
+            supported=SCHEMA_VERSION,
+            exists=bool(exists),
+        ):
+            return
         # A rowid table, not WITHOUT ROWID: the latter is a little faster for tiny values
         # but several times slower for large ones (its searches load whole rows). value
         # goes last, so reading expiry or version never walks a large value's pages.

@@ -24,6 +24,12 @@ async def eventually(
     raise AssertionError(f"condition not met within {within} s")
 
 
+def assert_redacted(text: str, secret: str = "s3cret") -> None:
+    """Fail unless ``text`` (a repr, an error, a log line) hides ``secret`` as ``***``."""
+    assert secret not in text, text
+    assert "***" in text, text
+
+
 #: Any JSON value (finite floats, str keys), nested a few levels.
 json_values = st.recursive(
     st.none()
