@@ -130,16 +130,18 @@ class TransformingDriver(WrapperDriver):
         record = await self.inner.get(key)
         if record is None:
             return None
-        value = self.decode(key, record.value)
-        return make_record((value, record.etag, record.mtime, record.expires_at))
+        return self._decoded(key, record)
 
     async def get_many(self, keys: Sequence[str]) -> list[Record | None]:
         records = await self.inner.get_many(keys)
-        decode = self.decode
-        return [
-            None if r is None else make_record((decode(k, r.value), r.etag, r.mtime, r.expires_at))
-            for k, r in zip(keys, records, strict=True)
-        ]
+        decoded = self._decoded
+        return [None if r is None else decoded(k, r) for k, r in zip(keys, records, strict=True)]
+
+    def _decoded(self, key: str, record: Record) -> Record:
+        value = self.decode(key, record.value)
+        if value is record.value:  # stored as it is
+            return record
+        return make_record((value, record.etag, record.mtime, record.expires_at))
 
     async def set(
         self,
