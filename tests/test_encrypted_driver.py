@@ -197,3 +197,18 @@ def _assert_no_key_in(text: str) -> None:
     for key in (NEW, OLD):
         for form in (key, key.hex().encode(), base64.urlsafe_b64encode(key), repr(key).encode()):
             assert form[:12] not in text.encode(), text
+
+
+async def test_sessions_on_an_encrypted_driver_are_encrypted_at_rest() -> None:
+    from sessions import SessionManager
+
+    inner = MemoryDriver()
+    manager = SessionManager(EncryptedDriver(inner, keys=[NEW]), ttl=60)
+    session = manager.open(None)
+    await session.set("card", SECRET)
+    cookies = await manager.commit(session)
+    assert cookies and session.id is not None
+    assert SECRET.encode() not in await stored_bytes(inner)
+    again = manager.open(session.id)
+    assert await again.get("card") == SECRET
+    await manager.dispose()
