@@ -3,9 +3,9 @@ around the same kind of driver, on memory and on Redis, in one run.
 
 A difference of a few percent is below the noise of one run after another on a shared
 machine, so the targets are measured *paired*: each operation runs in chunks of 100 keys,
-every target doing the same chunk in turn (the order rotating), and each target's figure is
-its median chunk. Overhead is the extra time per operation against the bare driver,
-``median wrapped chunk / median bare chunk - 1``.
+every target doing the same chunk in turn (in a shuffled order, garbage collection paused),
+and each target's figure is its median chunk. Overhead is the extra time per operation
+against the bare driver, ``median wrapped chunk / median bare chunk - 1``.
 
 Values are the workload's small JSON objects, below ``CompressedDriver``'s ``min_size``:
 what is measured is the cost of a wrapper on every call, not of compressing.
@@ -16,6 +16,8 @@ what is measured is the cost of a wrapper on every call, not of compressing.
 from __future__ import annotations
 
 import asyncio
+import gc
+import random
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -30,7 +32,7 @@ from .workload import OPERATIONS, Row, value
 
 BARE = "bare driver"
 CHUNK = 100
-LISTINGS = 7  # listing is one call per target: it is repeated instead
+LISTINGS = 25  # listing is one call per target: it is repeated instead
 KEY = EncryptedDriver.generate_key()
 
 
@@ -116,15 +118,25 @@ async def run(drivers: dict[str, tuple[Callable[[], Driver], int]]) -> list[Row]
 async def _paired(
     storages: dict[str, Storage], chunk: Chunk, keys: list[str], starts: range
 ) -> dict[str, list[float]]:
-    """Seconds of every chunk for every target, the targets taking turns on each chunk."""
+    """Seconds of every chunk for every target, the targets taking turns on each chunk in
+    a shuffled order (a fixed order would always time the same target right after a
+    costly one, which leaves it cold caches), without garbage collection while timing (a
+    collection would charge one target for the garbage of all)."""
     names = list(storages)
     times: dict[str, list[float]] = {name: [] for name in names}
-    for turn, start in enumerate(starts):
-        part = keys[start : start + CHUNK]
-        for name in names[turn % len(names) :] + names[: turn % len(names)]:
-            started = time.perf_counter()
-            await chunk(storages[name], part, start)
-            times[name].append(time.perf_counter() - started)
+    shuffle = random.Random(0).shuffle
+    gc.collect()
+    gc.disable()
+    try:
+        for start in starts:
+            part = keys[start : start + CHUNK]
+            shuffle(names)
+            for name in names:
+                started = time.perf_counter()
+                await chunk(storages[name], part, start)
+                times[name].append(time.perf_counter() - started)
+    finally:
+        gc.enable()
     return times
 
 
