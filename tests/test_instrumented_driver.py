@@ -122,10 +122,10 @@ async def test_each_operation_has_a_span_and_metrics(observed: Observed) -> None
         s.status.status_code is StatusCode.UNSET for s in observed.spans.get_finished_spans()
     )
 
-    # hits: get a, get_many b and c, head b, touch b; misses: get and get_many of "missing"
-    assert observed.total("kvstorage.lookups", hit=True) == 5
+    # hits: get a, get_many b and c, head b; misses: get and get_many of "missing"
+    assert observed.total("kvstorage.lookups", hit=True) == 4
     assert observed.total("kvstorage.lookups", hit=False) == 2
-    assert observed.total("kvstorage.lookups", mount="cache", driver="memory") == 7
+    assert observed.total("kvstorage.lookups", mount="cache", driver="memory") == 6
     assert observed.total("kvstorage.bytes", direction="write") == 12 + 1 + 5
     assert observed.total("kvstorage.bytes", direction="read") == 12 + 1 + 5
     durations = {

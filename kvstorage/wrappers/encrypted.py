@@ -108,7 +108,12 @@ class EncryptedDriver(TransformingDriver):
         """Rewrite under the first key every live value under ``base`` that another key
         encrypted; return how many were rewritten. Values keep their expiry; a value
         written meanwhile is left alone (it is under the first key already). Afterwards
-        the old keys can be dropped."""
+        the old keys can be dropped.
+
+        Raises:
+            DriverError: a value cannot be decrypted (those listed before it are rewritten
+                already: run it again once that value is dealt with).
+        """
         async with aclosing(self.inner.scan(base)) as scanned:
             keys = [key async for key in scanned]  # listed first: writes may upset a scan
         rewritten = 0

@@ -2,7 +2,8 @@
 (``opentelemetry-api``; an SDK such as ``opentelemetry-sdk`` records and exports them).
 
 Every operation gets a span ``kvstorage.<operation>`` (kind CLIENT) and a duration; reads
-count hits and misses; reads and writes count value bytes. Attributes:
+(``get``, ``get_many``, ``head``) count hits and misses; reads and writes count value
+bytes. Attributes:
 
 ===========================  =============================================================
 ``kvstorage.operation``      ``get``, ``set``, ``get_many``, ``scan``, ... (the driver
@@ -160,7 +161,7 @@ class InstrumentedDriver(WrapperDriver):
     async def touch(self, key: str, *, expires_at: float | None) -> bool:
         with self._operation("touch") as op:
             touched = await self.inner.touch(key, expires_at=expires_at)
-            op.looked_up(int(touched), 1)
+            op.counted(1)
             return touched
 
     async def sweep(self, base: str = "") -> int:
