@@ -161,4 +161,16 @@ def render(rows: list[Row], console: Console) -> None:
             line = [operation, f"{bare.ops:,.0f}"]
             line += [f"{overhead(bare, cells[(operation, w)]):+.1%}" for w in WRAPPERS]
             table.add_row(*line)
+        seconds = {target: whole(rows, group, target) for target in (BARE, *WRAPPERS)}
+        table.add_row(
+            "whole workload",
+            "",
+            *[f"{seconds[w] / seconds[BARE] - 1:+.1%}" for w in WRAPPERS],
+            end_section=True,
+        )
         console.print(table)
+
+
+def whole(rows: list[Row], group: str, target: str) -> float:
+    """Seconds per key of the whole workload (every operation once per key) for ``target``."""
+    return sum(1 / row.ops for row in rows if row.driver == group and row.target == target)
