@@ -107,11 +107,11 @@ def setup_driver(name: str, ctx: Context) -> Setup:
 
 async def bench_wrappers(redis_url: str | None, n: int) -> list[Row]:
     """Each driver wrapper against its bare driver, on memory and (with a server) Redis;
-    memory with at least 50,000 keys (its chunks are short: more of them)."""
+    memory with 5 N keys (its chunks are short: more of them)."""
     from kvstorage import drivers
 
     made: dict[str, tuple[Callable[[], drivers.Driver], int]] = {
-        "memory": (drivers.MemoryDriver, max(n, 50_000))
+        "memory": (drivers.MemoryDriver, max(5 * n, 20_000))
     }
     if redis_url is not None:
         made["redis"] = (lambda: drivers.RedisDriver(redis_url, base=uuid.uuid4().hex[:8]), n)
