@@ -4,6 +4,7 @@ and the peers, measured in the same run.
     python -m benchmarks                       # memory, fs, sqlite (no server needed)
     python -m benchmarks --drivers all --quick # + redis, s3 and postgres on servers it starts
     python -m benchmarks --json out.json --plot out.png
+    python -m benchmarks --wrappers --drivers none  # only the driver wrappers' overhead
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from rich.table import Table
 from kvstorage import Storage, create_storage
 from tests.support.servers import moto_server, postgres_server, redis_server
 
-from . import targets, unstorage
+from . import targets, unstorage, wrappers
 from .report import pivot, ratio
 from .targets import Target
 from .workload import OPERATIONS, Row, best_rounds, run_scaling, run_workload
@@ -117,6 +118,20 @@ def setup_driver(name: str, ctx: Context) -> Setup:
             lambda: targets.raw_postgres(dsn),
         ]
     raise ValueError(f"unknown driver {name!r}; known: {', '.join(ALL)}")
+
+
+async def bench_wrappers(redis_url: str | None, n: int) -> list[Row]:
+    """Each driver wrapper against its bare driver, on memory and (with a server) Redis;
+    memory with 5 N keys (its chunks are short: more of them)."""
+    from kvstorage import drivers
+
+    made: dict[str, tuple[Callable[[], drivers.Driver], int]] = {
+        "memory": (drivers.MemoryDriver, max(5 * n, 20_000))
+    }
+    if redis_url is not None:
+        made["redis"] = (lambda: drivers.RedisDriver(redis_url, base=uuid.uuid4().hex[:8]), n)
+    console.print(f"wrappers: {', '.join(made)} ...")
+    return await wrappers.run(made)
 
 
 def scaling_sizes(name: str, quick: bool) -> list[int]:
@@ -285,18 +300,27 @@ async def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-node", action="store_true", help="skip unstorage under Node.js")
     parser.add_argument("--no-sessions", action="store_true", help="skip the sessions benchmark")
     parser.add_argument(
+        "--wrappers",
+        action="store_true",
+        help="also measure each driver wrapper's overhead against its bare driver, on memory "
+        "and redis (in the same run)",
+    )
+    parser.add_argument(
         "--rounds", type=int, default=None, help="rounds per driver, best kept (default 3)"
     )
     parser.add_argument("--json", metavar="PATH", help="write the raw figures as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG bar chart")
     args = parser.parse_args(argv)
     names = ALL if args.drivers == "all" else [d.strip() for d in args.drivers.split(",") if d]
+    names = [] if names == ["none"] else names
     n = args.n or (2_000 if args.quick else 10_000)
     rounds = args.rounds or 3
     console.print(f"[bold]kvstorage benchmarks[/bold] N={n}, best of {rounds} on {machine()}")
     rows: list[Row] = []
+    wrapper_rows: list[Row] = []
     with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
-        redis_url = stack.enter_context(redis_server()) if "redis" in names else None
+        needs_redis = "redis" in names or args.wrappers
+        redis_url = stack.enter_context(redis_server()) if needs_redis else None
         s3_url = stack.enter_context(moto_server()) if "s3" in names else None
         pg_url = stack.enter_context(postgres_server()) if "postgres" in names else None
         ctx = Context(Path(tmp), redis_url, s3_url, pg_url)
@@ -315,15 +339,19 @@ async def main(argv: list[str] | None = None) -> int:
                     rounds,
                     progress,
                 )
+            if args.wrappers:
+                wrapper_rows = await bench_wrappers(redis_url, n)
         if not args.no_sessions:
             rows += await bench_sessions(args.quick, redis_url, pg_url)
     render(rows)
+    wrappers.render(wrapper_rows, Console(width=200))
     if args.json:
         payload = {
             "machine": machine(),
             "n": n,
             "rounds": rounds,
             "rows": [row.as_dict() for row in rows],
+            "wrappers": [row.as_dict() for row in wrapper_rows],
         }
         await anyio.Path(args.json).write_text(json.dumps(payload, indent=2))
     if args.plot:

@@ -1,7 +1,8 @@
 """Shared fixtures: the driver matrix of the conformance suite.
 
 A test that takes ``storage`` or ``make_driver`` runs once per (driver, anyio backend) pair
-listed in ``tests.backends.BACKENDS``.
+listed in ``tests.backends.BACKENDS`` -- and, when marked ``wrapped_drivers``, also in
+``tests.backends.WRAPPED_BACKENDS`` (the driver wrappers around those drivers).
 """
 
 from __future__ import annotations
@@ -12,16 +13,19 @@ import pytest
 
 from kvstorage import Storage, create_storage
 
-from .backends import BACKENDS, BackendSpec, DriverFactory
+from .backends import BACKENDS, WRAPPED_BACKENDS, BackendSpec, DriverFactory
 
 pytest_plugins = [f"tests.backends.{spec.name}" for spec in BACKENDS]
 
 _CASES = [(spec, backend) for spec in BACKENDS for backend in spec.anyio_backends]
+_WRAPPED_CASES = [(spec, backend) for spec in WRAPPED_BACKENDS for backend in spec.anyio_backends]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "driver_case" in metafunc.fixturenames:
         cases = _CASES
+        if metafunc.definition.get_closest_marker("wrapped_drivers"):
+            cases = _CASES + _WRAPPED_CASES
         only = metafunc.definition.get_closest_marker("only_drivers")
         if only is not None:  # one run per named driver, on asyncio
             cases = [(s, b) for s, b in cases if s.name in only.args and b == "asyncio"]
@@ -55,7 +59,10 @@ def backend_spec(driver_case: tuple[BackendSpec, str]) -> BackendSpec:
 @pytest.fixture
 def make_driver(request: pytest.FixtureRequest, backend_spec: BackendSpec) -> DriverFactory:
     factory: DriverFactory = request.getfixturevalue(backend_spec.fixture)
-    return factory
+    wrap = backend_spec.wrap
+    if wrap is None:
+        return factory
+    return lambda: wrap(factory())
 
 
 @pytest.fixture

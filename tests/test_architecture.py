@@ -4,7 +4,8 @@
   package it is not part of: ``_x`` is visible inside the package that holds it;
 * the import graph of module-level imports, including those under ``TYPE_CHECKING``, has
   no cycle;
-* the core (``kvstorage`` outside its drivers) never imports a backend library.
+* the core (``kvstorage`` outside its drivers) never imports a backend library, and each
+  optional library of a driver wrapper is imported by that wrapper's module only.
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ BACKEND_LIBRARIES = {
     "watchfiles",
     "aiofiles",
     "asyncpg",
+}
+#: library -> the only module that may import it
+WRAPPER_LIBRARIES = {
+    "cryptography": "kvstorage.wrappers.encrypted",
+    "zstandard": "kvstorage.wrappers.compressed",
+    "opentelemetry": "kvstorage.wrappers.instrumented",
 }
 
 
@@ -136,4 +143,14 @@ def test_the_core_imports_no_backend_library() -> None:
         for name, line in _imports(module):
             if name.split(".")[0] in BACKEND_LIBRARIES:
                 problems.append(f"{MODULES[module].relative_to(ROOT)}:{line} {name}")
+    assert problems == []
+
+
+def test_each_wrapper_library_is_imported_by_its_wrapper_only() -> None:
+    problems = [
+        f"{MODULES[module].relative_to(ROOT)}:{line} {name}"
+        for module in MODULES
+        for name, line in _imports(module)
+        if WRAPPER_LIBRARIES.get(name.split(".")[0], module) != module
+    ]
     assert problems == []

@@ -1,6 +1,7 @@
 """The shared driver conformance suite: every driver must pass every test here.
 
-Each test runs once per (driver, anyio backend) pair from ``tests.backends.BACKENDS``.
+Each test runs once per (driver, anyio backend) pair from ``tests.backends.BACKENDS``, and
+over each driver wrapper (``tests.backends.WRAPPED_BACKENDS``).
 Tests use only the public ``Storage`` API, so they hold the core and the driver to the
 contract together.
 """
@@ -31,7 +32,7 @@ from kvstorage import (
 from .backends import DriverFactory
 from .support.helpers import eventually, json_values
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.wrapped_drivers]
 
 JSON_VALUES: list[Any] = [
     None,

@@ -4,13 +4,16 @@ Adding a driver to the suite is one module here plus one line in ``BACKENDS``: t
 defines a pytest fixture (named in the spec) that returns a :data:`DriverFactory`, a
 function producing a new, empty, isolated driver each time it is called (a new base,
 table, prefix or directory), and disposes what it made when the test ends.
+
+``WRAPPED_BACKENDS`` runs the same factories with each driver wrapper around the driver
+(see :mod:`tests.backends.wrapped`), for tests marked ``wrapped_drivers``.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 
@@ -36,6 +39,8 @@ class BackendSpec:
     name: str
     fixture: str
     driver: type[Driver]
+    wrap: Callable[[Driver], Driver] | None = None
+    """Wraps every driver the fixture makes (a driver wrapper), or None."""
 
     @property
     def anyio_backends(self) -> tuple[str, ...]:
@@ -52,6 +57,21 @@ BACKENDS: list[BackendSpec] = [
     BackendSpec("redis_cluster", "redis_cluster_driver_factory", RedisDriver),
     BackendSpec("postgres", "postgres_driver_factory", PostgresDriver),
 ]
+
+
+def _wrapped_backends() -> list[BackendSpec]:
+    from .wrapped import WRAPPED_DRIVERS, WRAPPERS
+
+    return [
+        replace(spec, name=f"{wrapper}-{spec.name}", wrap=wrap)
+        for wrapper, wrap in WRAPPERS.items()
+        for spec in BACKENDS
+        if spec.name in WRAPPED_DRIVERS
+    ]
+
+
+#: Every wrapper (and stack of wrappers) around the drivers it is tested on.
+WRAPPED_BACKENDS = _wrapped_backends()
 
 
 def require_service(available: bool, what: str) -> None:
