@@ -170,7 +170,8 @@ async def test_a_listing_stopped_early_is_not_an_error(observed: Observed) -> No
             break
     [scan] = observed.finished("scan")
     assert scan.status.status_code is StatusCode.UNSET
-    assert scan.attributes is not None and scan.attributes["kvstorage.keys"] == 1
+    # the core lists in pages: the span counts the keys the driver handed over
+    assert scan.attributes is not None and 1 <= scan.attributes["kvstorage.keys"] <= 10
 
 
 async def test_without_an_sdk_operations_go_straight_to_the_inner_driver() -> None:
