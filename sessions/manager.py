@@ -73,6 +73,11 @@ class SessionManager:
         header: also take the session ID from this request header (the cookie wins when
             both hold a valid ID) and send a new or regenerated ID back in it -- for APIs
             and mobile apps. An ended session is answered with the header empty.
+        encryption_keys: encrypt session data at rest (AES-256-GCM, bound to the storage
+            key) with the first of these keys, newest first; every key decrypts, so a new
+            key put first rotates them (sessions move to it as they are written). Keys are
+            32 bytes or their URL-safe base64 (``kvstorage.wrappers.EncryptedDriver
+            .generate_key()``). Needs ``pip install 'kvstorage[encryption]'``.
         sweep_interval: seconds between two opportunistic sweeps of expired sessions run
             after a commit (at most one at a time per manager), for backends that do not
             expire items themselves; None: never (run ``kvstorage sweep`` from cron).
@@ -95,6 +100,7 @@ class SessionManager:
         refresh_fraction: float = 0.25,
         cookie: CookieOptions | None = _DEFAULT_COOKIE,
         header: str | None = None,
+        encryption_keys: Sequence[bytes | str] | None = None,
         sweep_interval: float | None = 600.0,
     ) -> None:
         self.lifetime = Lifetime(seconds(ttl), seconds(idle_timeout), refresh_fraction)
@@ -110,7 +116,7 @@ class SessionManager:
         if sweep_interval is not None and not sweep_interval > 0:
             raise ValueError("sweep_interval must be a positive number of seconds or None")
         self.sweep_interval = sweep_interval
-        self.store = SessionStore(storage, prefix=prefix)
+        self.store = SessionStore(storage, prefix=prefix, encryption_keys=encryption_keys)
         """Where the sessions are kept."""
         self._next_sweep = time.monotonic() + (sweep_interval or 0.0)
         self._sweeping = False

@@ -31,9 +31,9 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
 from msgspec import Raw
@@ -41,6 +41,7 @@ from msgspec import Raw
 from kvstorage import (
     ConditionFailedError,
     Driver,
+    DriverError,
     SerializationError,
     Storage,
     TaggedSerializer,
@@ -48,6 +49,9 @@ from kvstorage import (
     normalize_key,
 )
 from kvstorage.retry import backoff
+
+if TYPE_CHECKING:
+    from kvstorage.wrappers import Cipher
 from kvstorage.urls import redact_url
 
 __all__ = [
@@ -198,12 +202,24 @@ class SessionStore:
             ``FSDriver`` at ``./.sessions``, created on first use (mode 0700) and refused
             when another user owns it or group or others may write to it.
         prefix: sessions are stored at ``<prefix>:<handle>``.
+        encryption_keys: encrypt each stored session with AES-256-GCM under the first of
+            these keys (newest first; every key decrypts: rotate by putting a new key
+            first). Needs ``pip install 'kvstorage[encryption]'``.
     """
 
     def __init__(
-        self, storage: Storage | Driver | str | None = None, *, prefix: str = "session"
+        self,
+        storage: Storage | Driver | str | None = None,
+        *,
+        prefix: str = "session",
+        encryption_keys: Sequence[bytes | str] | None = None,
     ) -> None:
         self.prefix = normalize_key(prefix)
+        self._cipher: Cipher | None = None
+        if encryption_keys is not None:
+            from kvstorage.wrappers import Cipher  # needs the "encryption" extra
+
+            self._cipher = Cipher(encryption_keys)
         self._owns_storage = not isinstance(storage, Storage)
         self._corrupt_reported: dict[str, None] = {}
         if storage is None or isinstance(storage, Storage):
@@ -273,12 +289,14 @@ class SessionStore:
         """The session (or marker) stored under ``handle``, or None when there is none or
         its item is corrupt (logged once per session, and then treated as missing). Expiry
         is not checked here."""
-        entry = await self.storage.get_entry_raw(self.key(handle))
+        key = self.key(handle)
+        entry = await self.storage.get_entry_raw(key)
         if entry is None:
             return None
         try:
-            doc = _decode_document(entry.value)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raw = entry.value if self._cipher is None else self._cipher.decrypt(key, entry.value)
+            doc = _decode_document(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError, DriverError) as exc:
             self._report_corrupt(handle, exc)
             return None
         return Stored(
@@ -307,10 +325,10 @@ class SessionStore:
             stored.user_meta, stored.csrf, stored.limits, stored.persistent, stored.ended,
             stored.moved_to,
         )  # fmt: skip
-        await self.storage.set_item_raw(
-            self.key(handle), _encode_document(doc), ttl=ttl, if_absent=if_absent,
-            if_match=if_match,
-        )  # fmt: skip
+        key, raw = self.key(handle), _encode_document(doc)
+        if self._cipher is not None:
+            raw = self._cipher.encrypt(key, raw)
+        await self.storage.set_item_raw(key, raw, ttl=ttl, if_absent=if_absent, if_match=if_match)
 
     async def end(self, handle: str, *, if_match: str | None = None) -> None:
         """Replace the session ``handle`` by an "ended" marker (kept :data:`GRACE`

@@ -409,3 +409,35 @@ async def test_remember_me_keeps_the_cookie_across_browser_restarts(
     assert age is not None and 30 * 86400 - 60 < int(age.group(1)) <= 30 * 86400
     meta = await manager.storage.get_meta(f"session:{handle_of(cookie_value(response))}")
     assert meta is not None and meta.ttl is not None and meta.ttl > 29 * 86400
+
+
+# -- encryption at rest ----------------------------------------------------------------
+
+
+async def test_session_data_is_encrypted_at_rest_and_keys_rotate(
+    driver: CountingDriver, caplog: pytest.LogCaptureFixture
+) -> None:
+    from kvstorage.wrappers import EncryptedDriver
+
+    old, new = EncryptedDriver.generate_key(), EncryptedDriver.generate_key()
+    storage = create_storage(driver, serializer="tagged")
+    manager = SessionManager(storage, encryption_keys=[old])
+    async with client_for(manager) as client:
+        sid = await login(client, "ann-the-user")
+        await client.post("/set", params={"cart": "secret-apple"})
+    stored = b"".join([await storage.get_item_raw(key) or b"" for key in await storage.get_keys()])
+    assert stored and b"secret-apple" not in stored and b"ann-the-user" not in stored
+    # rotation: the new key first, the old one still accepted; a write moves it to the new
+    rotated = SessionManager(storage, encryption_keys=[new, old])
+    session = rotated.open(sid)
+    assert await session.get("cart") == "secret-apple" and session.user_id == "ann-the-user"
+    await session.set("seen", 1)
+    await rotated.commit(session)
+    only_new = SessionManager(storage, encryption_keys=[new])
+    assert await only_new.open(sid).get("cart") == "secret-apple"
+    # a store read with the wrong key: a fresh session and one log line, never a 500
+    with caplog.at_level(logging.WARNING, logger="sessions"):
+        assert await SessionManager(storage, encryption_keys=[old]).open(sid).get("cart") is None
+    assert "corrupt" in caplog.text and sid not in caplog.text
+    with pytest.raises(ValueError):
+        SessionManager(storage, encryption_keys=["too short"])

@@ -28,11 +28,13 @@ from .base import TransformingDriver, WrapperDriver
 
 if TYPE_CHECKING:  # for type checkers only: at run time each class loads on first use
     from .compressed import CompressedDriver as CompressedDriver
+    from .encrypted import Cipher as Cipher
     from .encrypted import EncryptedDriver as EncryptedDriver
     from .instrumented import InstrumentedDriver as InstrumentedDriver
 
 #: class name -> (module in this package, the pip extra that installs its library)
 _LAZY = {
+    "Cipher": ("encrypted", "encryption"),
     "EncryptedDriver": ("encrypted", "encryption"),
     "CompressedDriver": ("compressed", "compression"),
     "InstrumentedDriver": ("instrumented", "otel"),

@@ -23,7 +23,7 @@ from ..drivers.base import Driver, Stat, is_expired
 from ..errors import ConditionFailedError, DriverError
 from .base import TransformingDriver
 
-__all__ = ["EncryptedDriver"]
+__all__ = ["Cipher", "EncryptedDriver"]
 
 _VERSION = b"\x01"
 _ID_SIZE = 4
@@ -32,6 +32,76 @@ _TAG_SIZE = 16
 _HEADER = len(_VERSION) + _ID_SIZE
 _OVERHEAD = _HEADER + _NONCE_SIZE + _TAG_SIZE
 _KEY_SIZE = 32
+
+
+class Cipher:
+    """AES-256-GCM with key rotation, bound to the storage key a value is stored at: what
+    :class:`EncryptedDriver` applies to every value, usable alone (the sessions package
+    encrypts session data with it).
+
+    Args:
+        keys: the encryption keys, newest first: each 32 bytes, or those bytes in URL-safe
+            base64 (a ``str``, as :meth:`EncryptedDriver.generate_key` returns). The first
+            key encrypts; every key decrypts.
+
+    Raises:
+        TypeError, ValueError: ``keys`` is empty or holds a key of the wrong type or size
+            (the message never shows a key).
+    """
+
+    def __init__(self, keys: Sequence[bytes | str]) -> None:
+        secrets = _parse_keys(keys)
+        self._ids = [_key_id(secret) for secret in secrets]
+        self._ciphers = [AESGCM(secret) for secret in secrets]
+
+    def __repr__(self) -> str:
+        return f"Cipher(keys=<{len(self._ciphers)} hidden>)"
+
+    @property
+    def key_count(self) -> int:
+        """How many keys it holds."""
+        return len(self._ciphers)
+
+    def encrypt(self, key: str, value: bytes) -> bytes:
+        """``value`` sealed under the first key, bound to the storage ``key``."""
+        header = _VERSION + self._ids[0]
+        nonce = os.urandom(_NONCE_SIZE)
+        sealed = self._ciphers[0].encrypt(nonce, value, header + key.encode())
+        return header + nonce + sealed
+
+    def decrypt(self, key: str, stored: bytes) -> bytes:
+        """The value sealed in ``stored`` at the storage ``key``.
+
+        Raises:
+            DriverError: ``stored`` is not an encrypted value, was sealed with a key not
+                given, was modified, or was sealed for another storage key.
+        """
+        if len(stored) < _OVERHEAD or stored[:1] != _VERSION:
+            raise DriverError(f"value at {key!r} is not an encrypted value", driver="encrypted")
+        key_id = stored[1:_HEADER]
+        candidates = [c for i, c in zip(self._ids, self._ciphers, strict=True) if i == key_id]
+        if not candidates:
+            raise DriverError(
+                f"value at {key!r} was encrypted with a key that is not among the keys given",
+                driver="encrypted",
+            )
+        nonce = stored[_HEADER : _HEADER + _NONCE_SIZE]
+        associated = stored[:_HEADER] + key.encode()
+        for cipher in candidates:  # more than one only if two keys share an id
+            try:
+                return cipher.decrypt(
+                    nonce, memoryview(stored)[_HEADER + _NONCE_SIZE :], associated
+                )
+            except InvalidTag:
+                continue
+        raise DriverError(
+            f"value at {key!r} failed authentication: it was modified, or written at another key",
+            driver="encrypted",
+        )
+
+    def is_current(self, stored: bytes) -> bool:
+        """True when ``stored`` was sealed under the first key (nothing to rotate)."""
+        return stored[1:_HEADER] == self._ids[0]
 
 
 class EncryptedDriver(TransformingDriver):
@@ -58,9 +128,7 @@ class EncryptedDriver(TransformingDriver):
 
     def __init__(self, inner: Driver, *, keys: Sequence[bytes | str]) -> None:
         super().__init__(inner)
-        secrets = _parse_keys(keys)
-        self._ids = [_key_id(secret) for secret in secrets]
-        self._ciphers = [AESGCM(secret) for secret in secrets]
+        self._cipher = Cipher(keys)
 
     @staticmethod
     def generate_key() -> str:
@@ -68,37 +136,13 @@ class EncryptedDriver(TransformingDriver):
         return base64.urlsafe_b64encode(os.urandom(_KEY_SIZE)).decode("ascii")
 
     def __repr__(self) -> str:
-        return f"EncryptedDriver({self.inner!r}, keys=<{len(self._ciphers)} hidden>)"
+        return f"EncryptedDriver({self.inner!r}, keys=<{self._cipher.key_count} hidden>)"
 
     def encode(self, key: str, value: bytes) -> bytes:
-        header = _VERSION + self._ids[0]
-        nonce = os.urandom(_NONCE_SIZE)
-        sealed = self._ciphers[0].encrypt(nonce, value, header + key.encode())
-        return header + nonce + sealed
+        return self._cipher.encrypt(key, value)
 
     def decode(self, key: str, stored: bytes) -> bytes:
-        if len(stored) < _OVERHEAD or stored[:1] != _VERSION:
-            raise DriverError(f"value at {key!r} is not an encrypted value", driver=self.name)
-        key_id = stored[1:_HEADER]
-        candidates = [c for i, c in zip(self._ids, self._ciphers, strict=True) if i == key_id]
-        if not candidates:
-            raise DriverError(
-                f"value at {key!r} was encrypted with a key that is not among the keys given",
-                driver=self.name,
-            )
-        nonce = stored[_HEADER : _HEADER + _NONCE_SIZE]
-        associated = stored[:_HEADER] + key.encode()
-        for cipher in candidates:  # more than one only if two keys share an id
-            try:
-                return cipher.decrypt(
-                    nonce, memoryview(stored)[_HEADER + _NONCE_SIZE :], associated
-                )
-            except InvalidTag:
-                continue
-        raise DriverError(
-            f"value at {key!r} failed authentication: it was modified, or written at another key",
-            driver=self.name,
-        )
+        return self._cipher.decrypt(key, stored)
 
     async def head(self, key: str) -> Stat | None:
         stat = await self.inner.head(key)
@@ -121,7 +165,7 @@ class EncryptedDriver(TransformingDriver):
             record = await self.inner.get(key)
             if record is None or is_expired(record.expires_at):
                 continue
-            if record.value[1:_HEADER] == self._ids[0]:
+            if self._cipher.is_current(record.value):
                 continue
             value = self.encode(key, self.decode(key, record.value))
             try:
