@@ -59,8 +59,12 @@ class Meta:
     """Last write (Unix seconds) or None when the backend does not record it."""
     expires_timestamp: float | None = None
     """When the item expires (Unix seconds), or None."""
-    ttl: float | None = None
-    """Seconds left before expiry, or None."""
+
+    @property
+    def ttl(self) -> float | None:
+        """Seconds left before expiry (now), or None."""
+        expires = self.expires_timestamp
+        return None if expires is None else max(expires - time.time(), 0.0)
 
     @property
     def mtime(self) -> datetime | None:
@@ -128,8 +132,7 @@ def _utc(timestamp: float | None) -> datetime | None:
 
 
 def _meta(size: int, etag: str, mtime: float | None, expires_at: float | None) -> Meta:
-    ttl = None if expires_at is None else max(expires_at - time.time(), 0.0)
-    return Meta(size, etag, mtime, expires_at, ttl)
+    return Meta(size, etag, mtime, expires_at)
 
 
 def _entry(value: Any, record: Record) -> Entry:

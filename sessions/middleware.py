@@ -65,18 +65,16 @@ def _with_headers(headers: Iterable[Header], added: list[tuple[str, str]]) -> li
     return kept
 
 
-def _with_vary(headers: Iterable[Header], varies: str) -> list[Header]:
+def _with_vary(headers: Iterable[Header], varies: bytes) -> list[Header]:
     """``headers`` with ``varies`` added to ``Vary`` (a page built from the session must
     not be served from a shared cache to another user)."""
-    kept = list(headers)
-    if not any(name == b"vary" for name, _ in kept):
-        kept.append((b"vary", varies.encode("latin-1")))
-        return kept
+    kept = headers if isinstance(headers, list) else list(headers)
     for index, (name, value) in enumerate(kept):
         if name == b"vary":
-            if varies.lower() not in value.decode("latin-1").lower():
-                kept[index] = (name, value + b", " + varies.encode("latin-1"))
-            break
+            if varies.lower() not in value.lower():
+                kept[index] = (name, value + b", " + varies)
+            return kept
+    kept.append((b"vary", varies))
     return kept
 
 
@@ -136,7 +134,7 @@ class SessionMiddleware:
             return
         session = manager.open(request.ids)
         scope["session"] = session
-        varies = "Cookie" if manager.cookie is not None else str(manager.header)
+        varies = b"Cookie" if manager.cookie is not None else str(manager.header).encode()
         # Whether this request's session is saved at all: decided once, by the status of
         # the response (a WebSocket has none: always).
         persist = scope["type"] == "websocket"

@@ -277,8 +277,9 @@ class Session:
                 target.pop(key, None)
             else:
                 target[key] = value
-        merged = Stored(data, flash, created, now, None)
-        if base is not None:
+        if base is None:
+            merged = Stored(data, flash, created, now, None)
+        else:
             merged = Stored(
                 data, flash, created, now, None, base.user, base.user_meta, base.csrf,
                 base.limits, base.persistent,
