@@ -116,10 +116,9 @@ class Lifetime:
         """The storage TTL of a session created at ``created`` and written at ``now``:
         what is left of the absolute lifetime or the idle timeout, whichever ends first
         (zero or less: it is over; None: no limit)."""
-        limits = [self.ttl + created - now] if self.ttl is not None else []
-        if self.idle_timeout is not None:
-            limits.append(self.idle_timeout)
-        return min(limits) if limits else None
+        left = None if self.ttl is None else self.ttl + created - now
+        idle = self.idle_timeout
+        return left if idle is None or (left is not None and left < idle) else idle
 
     def remaining(self, created: float, now: float) -> float | None:
         """What is left of the absolute lifetime (None: no limit)."""
@@ -645,7 +644,8 @@ class Session:
     ) -> Stored | None:
         """Store ``stored`` under ``handle``; None (nothing written) when its absolute
         lifetime is over."""
-        ttl = self._lifetime.of(stored).item_ttl(stored.created, stored.accessed)
+        lifetime = self._lifetime if stored.limits is None else self._lifetime.of(stored)
+        ttl = lifetime.item_ttl(stored.created, stored.accessed)
         if ttl is not None and ttl <= 0:
             return None
         await self._store.write(handle, stored, ttl=ttl, if_absent=if_absent, if_match=if_match)
