@@ -61,7 +61,7 @@ class MemoryDriver(Driver):
             self._data[key] = self._data.pop(key)  # most recently used goes last
         return record
 
-    async def get(self, key: str) -> Record | None:
+    async def get(self, key: str) -> Record | None:  # peek, inlined: the hot path
         record = self._data.get(key)
         if record is None or (record.expires_at is None and self._max_entries is None):
             return record
@@ -78,20 +78,42 @@ class MemoryDriver(Driver):
         expires_at: float | None = None,
         if_absent: bool = False,
         if_match: str | None = None,
-    ) -> None:
+    ) -> str:
         if if_absent or if_match is not None:
             current = self._live(key)
             etag = None if current is None else current.etag
             check_condition(key, etag, if_absent=if_absent, if_match=if_match)
-        self._store(key, value, expires_at)
+        return self._store(key, value, expires_at)
 
-    def _store(self, key: str, value: bytes, expires_at: float | None) -> None:
+    def _store(self, key: str, value: bytes, expires_at: float | None) -> str:
+        etag = str(next(_versions))
+        self.put(key, make_record((value, etag, time.time(), expires_at)))
+        return etag
+
+    # -- for caches: records kept as another driver reported them ------------------------
+
+    def peek(self, key: str) -> Record | None:
+        """The live record at ``key`` or None, without awaiting (an expired one is
+        dropped; a read counts as a use for the LRU bound)."""
+        record = self._data.get(key)
+        if record is None or (record.expires_at is None and self._max_entries is None):
+            return record
+        return self._live(key)
+
+    def put(self, key: str, record: Record) -> None:
+        """Store ``record`` exactly as given -- etag and times included -- without
+        awaiting, evicting the least recently used keys beyond ``max_entries``. For caches
+        that keep the records of another driver (``TieredDriver``)."""
         data = self._data
         if self._max_entries is not None:
             data.pop(key, None)
             while len(data) >= self._max_entries:
                 del data[next(iter(data))]
-        data[key] = make_record((value, str(next(_versions)), time.time(), expires_at))
+        data[key] = record
+
+    def discard(self, key: str) -> None:
+        """Forget ``key`` if it is stored, without awaiting."""
+        self._data.pop(key, None)
 
     async def set_many(
         self, items: Sequence[tuple[str, bytes]], *, expires_at: float | None = None
