@@ -46,6 +46,11 @@ class MemoryDriver(Driver):
         max_entries = query.get("max_entries")
         return cls(max_entries=int(max_entries[0]) if max_entries else None)
 
+    @property
+    def max_entries(self) -> int | None:
+        """The LRU bound given, or None."""
+        return self._max_entries
+
     def __repr__(self) -> str:
         bound = f"max_entries={self._max_entries}" if self._max_entries else ""
         return f"MemoryDriver({bound})"

@@ -1,0 +1,7 @@
+"""Caching on top of a storage: :func:`cached` and :class:`TieredDriver`."""
+
+from __future__ import annotations
+
+from .wrappers.tiered import TieredDriver
+
+__all__ = ["TieredDriver"]
