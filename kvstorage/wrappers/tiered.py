@@ -29,7 +29,7 @@ import math
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import replace
-from typing import Literal
+from typing import Literal, TypeVar
 
 import anyio
 
@@ -42,6 +42,7 @@ from .base import WrapperDriver
 __all__ = ["TieredDriver"]
 
 logger = logging.getLogger("kvstorage")
+_T = TypeVar("_T")
 
 #: Seconds within which the event of one of our own writes is expected (exact watch). A
 #: later one counts as another writer's (which only costs a read from far).
@@ -349,18 +350,15 @@ class TieredDriver(WrapperDriver):
         )
 
     async def remove(self, key: str) -> bool:
-        removed: bool = await self._writing([key], self.far.remove(key))
-        return removed
+        return await self._writing([key], self.far.remove(key))
 
     async def remove_many(self, keys: Sequence[str]) -> int:
-        removed: int = await self._writing(keys, self.far.remove_many(keys))
-        return removed
+        return await self._writing(keys, self.far.remove_many(keys))
 
     async def touch(self, key: str, *, expires_at: float | None) -> bool:
-        touched: bool = await self._writing([key], self.far.touch(key, expires_at=expires_at))
-        return touched
+        return await self._writing([key], self.far.touch(key, expires_at=expires_at))
 
-    async def _writing(self, keys: Sequence[str], write: Awaitable[object]) -> object:
+    async def _writing(self, keys: Sequence[str], write: Awaitable[_T]) -> _T:
         """Run ``write`` (on far) with ``keys`` out of near until it is done."""
         flights = [(key, self._begin(key, writing=True)) for key in keys]
         try:
