@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from .wrappers.tiered import TieredDriver
+from .drivers.tiered import TieredDriver
 
 __all__ = ["TieredDriver"]

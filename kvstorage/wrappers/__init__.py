@@ -7,7 +7,6 @@ class                  does                                                  ext
 ``EncryptedDriver``    AES-256-GCM at rest, key rotation                     ``encryption``
 ``CompressedDriver``   zstd above a size; small and older values unchanged   ``compression``
 ``InstrumentedDriver`` OpenTelemetry spans and metrics                       ``otel``
-``TieredDriver``       a near memory cache in front of a far driver          (none)
 ====================== ===================================================== ==============
 
 Each class loads its library on first use, so ``import kvstorage.wrappers`` needs none.
@@ -31,14 +30,12 @@ if TYPE_CHECKING:  # for type checkers only: at run time each class loads on fir
     from .compressed import CompressedDriver as CompressedDriver
     from .encrypted import EncryptedDriver as EncryptedDriver
     from .instrumented import InstrumentedDriver as InstrumentedDriver
-    from .tiered import TieredDriver as TieredDriver
 
 #: class name -> (module in this package, the pip extra that installs its library)
 _LAZY = {
     "EncryptedDriver": ("encrypted", "encryption"),
     "CompressedDriver": ("compressed", "compression"),
     "InstrumentedDriver": ("instrumented", "otel"),
-    "TieredDriver": ("tiered", ""),
 }
 
 __all__ = [*_LAZY, "TransformingDriver", "WrapperDriver"]

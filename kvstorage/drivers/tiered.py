@@ -33,11 +33,10 @@ from typing import Literal, TypeVar
 
 import anyio
 
-from ..drivers.base import Driver, EmitEvent, Record, Stat, make_record
-from ..drivers.memory import MemoryDriver
 from ..errors import DriverError, DriverUnavailableError
 from ..keys import base_covers
-from .base import WrapperDriver
+from .base import Driver, EmitEvent, Record, Stat, make_record
+from .memory import MemoryDriver
 
 __all__ = ["TieredDriver"]
 
@@ -60,7 +59,7 @@ class _Flight:
         self.changes = 0  # bumped by every event, write start and write end
 
 
-class TieredDriver(WrapperDriver):
+class TieredDriver(Driver):
     """A :class:`~kvstorage.drivers.MemoryDriver` (``near``) in front of another driver
     (``far``): reads of keys held in ``near`` cost no round trip.
 
@@ -86,7 +85,8 @@ class TieredDriver(WrapperDriver):
         near: MemoryDriver | None = None,
         max_stale: float = 5.0,
     ) -> None:
-        super().__init__(far)
+        if not isinstance(far, Driver):
+            raise TypeError(f"far must be a Driver, not {type(far).__name__}")
         if near is None:
             near = MemoryDriver(max_entries=10_000)
         if not isinstance(near, MemoryDriver):
@@ -102,6 +102,8 @@ class TieredDriver(WrapperDriver):
             raise ValueError(f"max_stale must be a finite number of seconds > 0, got {max_stale!r}")
         #: The driver that holds the data.
         self.far = far
+        self.capabilities = far.capabilities
+        self.read_only = far.read_only
         #: The in-process cache in front of it.
         self.near = near
         self.max_stale = float(max_stale)
@@ -116,6 +118,7 @@ class TieredDriver(WrapperDriver):
         # Without watching: key -> monotonic deadline of its near entry (insertion order
         # = order of reads from far; bounded like near).
         self._fresh: dict[str, float] | None = None if far.capabilities.watch else {}
+        self._bind_get()
 
     def __repr__(self) -> str:
         return f"TieredDriver(near={self.near!r}, far={self.far!r}, max_stale={self.max_stale})"
@@ -142,6 +145,7 @@ class TieredDriver(WrapperDriver):
                     )
                     self._fresh = {}
                     self.capabilities = replace(self.capabilities, watch=False, exact_watch=False)
+                    self._bind_get()
                 else:
                     self._exact = self.far.capabilities.exact_watch
             self._started = True
@@ -240,6 +244,36 @@ class TieredDriver(WrapperDriver):
                 return record
         return await self._load(key)
 
+    def _bind_get(self) -> None:
+        """While far watches, a hit is a dict lookup (plus an LRU move): ``get`` on this
+        instance is then a closure over near's dict, one Python call less per read --
+        the hot path of a cache. Entries with an expiry take the full path."""
+        vars(self).pop("get", None)
+        if self._fresh is not None:
+            return
+        records = self.near._data
+        load = self._load
+        lru = self.near._lru
+        if lru is None:
+
+            async def get(key: str) -> Record | None:
+                record = records.get(key)
+                if record is not None and record.expires_at is None:
+                    return record
+                return self._peek(key) or await load(key)
+
+        else:
+            used = lru.move_to_end
+
+            async def get(key: str) -> Record | None:
+                record = records.get(key)
+                if record is not None and record.expires_at is None:
+                    used(key)
+                    return record
+                return self._peek(key) or await load(key)
+
+        vars(self)["get"] = get
+
     async def _load(self, key: str) -> Record | None:
         if not self._started:
             await self._start()
@@ -291,6 +325,9 @@ class TieredDriver(WrapperDriver):
                 self._keep(key, record)
             self._end(key, flight)
         return records
+
+    def scan(self, base: str = "", *, max_depth: int | None = None) -> AsyncGenerator[str, None]:
+        return self.far.scan(base, max_depth=max_depth)
 
     def scan_pages(
         self, base: str = "", *, max_depth: int | None = None
