@@ -151,7 +151,8 @@ class TieredDriver(Driver):
             self._started = True
 
     def _on_event(self, event: Literal["update", "remove"], key: str) -> None:
-        pending = self._pending.get(key)
+        # Our own sets are reported as updates: a removal (or expiry) is never ours to skip.
+        pending = self._pending.get(key) if event == "update" else None
         if pending is not None:  # only with an exact watch
             if time.monotonic() <= pending[1]:
                 if pending[0] <= 1:
