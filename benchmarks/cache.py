@@ -182,7 +182,8 @@ async def bench_hot_key(warm: Storage, report: CacheReport, chunks: int) -> None
 
 
 #: ``python -c WRITER <redis url> <base>``: prints "ready", then for each line on stdin
-#: writes that number at "k" and prints the monotonic time at which the write returned.
+#: writes that number at "k" and prints the monotonic times at which the write was sent
+#: and returned.
 WRITER = """
 import asyncio, sys, time
 from kvstorage import create_storage
@@ -193,8 +194,9 @@ async def main() -> None:
     await storage.has_item("k")
     print("ready", flush=True)
     for line in sys.stdin:
+        sent = time.monotonic()
         await storage.set_item("k", int(line))
-        print(repr(time.monotonic()), flush=True)
+        print(repr(sent), repr(time.monotonic()), flush=True)
     await storage.dispose()
 
 asyncio.run(main())
@@ -216,7 +218,7 @@ async def bench_staleness(url: str, writes: int, report: CacheReport) -> None:
     await storage.set_item("k", -1)
     await asyncio.wait_for(signal.wait(), 5)  # our own write's event: gone by
     child = await spawn(WRITER, url, base)
-    windows = []
+    windows, since_sent = [], []
     try:
         assert await read_lines(child, 1) == ["ready"]
         assert child.stdin is not None
@@ -224,9 +226,10 @@ async def bench_staleness(url: str, writes: int, report: CacheReport) -> None:
             assert await storage.get_item("k") == i - 1  # held in near
             signal.clear()
             await child.stdin.send(f"{i}\n".encode())
-            written = float((await read_lines(child, 1))[0])
+            sent, written = map(float, (await read_lines(child, 1))[0].split())
             await asyncio.wait_for(signal.wait(), 5)
             windows.append(max(0.0, dropped[-1] - written))
+            since_sent.append(dropped[-1] - sent)
         await child.stdin.aclose()
         await child.wait()
     finally:
@@ -236,13 +239,18 @@ async def bench_staleness(url: str, writes: int, report: CacheReport) -> None:
         await unwatch()
         await storage.clear()
         await storage.dispose()
-    windows.sort()
     report.staleness_ms = {
         "writes": writes,
-        "p50": 1000 * windows[len(windows) // 2],
-        "p99": 1000 * windows[min(len(windows) - 1, int(len(windows) * 0.99))],
-        "max": 1000 * windows[-1],
+        **percentiles("", windows),
+        **percentiles("since_sent_", since_sent),
     }
+
+
+def percentiles(prefix: str, seconds: list[float]) -> dict[str, float]:
+    """p50, p99 and max of ``seconds``, in milliseconds."""
+    ordered = sorted(seconds)
+    at = lambda q: 1000 * ordered[min(len(ordered) - 1, int(len(ordered) * q))]  # noqa: E731
+    return {f"{prefix}p50": at(0.5), f"{prefix}p99": at(0.99), f"{prefix}max": 1000 * ordered[-1]}
 
 
 async def bench_decorator(url: str, n: int, report: CacheReport, console: Console) -> None:
@@ -350,8 +358,10 @@ def render(report: CacheReport, console: Console) -> None:
     stale = report.staleness_ms
     if stale:
         console.print(
-            f"a write in another process, invisible to near for: p50 {stale['p50']:.2f} ms, "
-            f"p99 {stale['p99']:.2f} ms, max {stale['max']:.2f} ms ({stale['writes']} writes)"
+            f"a write in another process, invisible to near after it returned: p50 "
+            f"{stale['p50']:.2f} ms, p99 {stale['p99']:.2f} ms, max {stale['max']:.2f} ms; "
+            f"dropped from near after the write was sent: p50 {stale['since_sent_p50']:.2f} "
+            f"ms, p99 {stale['since_sent_p99']:.2f} ms ({stale['writes']} writes)"
         )
     table = Table(title="read-through decorators on one Redis server")
     for column in ("decorator", "hits/s", "misses/s", "calls per 100 concurrent misses"):
