@@ -338,17 +338,21 @@ async def run(url: str, *, quick: bool, console: Console) -> CacheReport:
 
 def render(report: CacheReport, console: Console) -> None:
     """The cache workload's tables."""
-    table = Table(title="Zipf reads (s = 1.1, 10^5 keys, 5% writes), one operation at a time")
-    for column in ("target", "ops/s", "Redis round trips", "fewer than Redis alone"):
-        table.add_column(column, justify="left" if column == "target" else "right")
-    for row in report.zipf:
-        table.add_row(
-            row["target"],
-            f"{row['ops']:,.0f}",
-            f"{row['round_trips']:,} / {row['operations']:,} ops",
-            f"{row['fewer_round_trips']:.1%}",
+    console.print(
+        _table(
+            "Zipf reads (s = 1.1, 10^5 keys, 5% writes), one operation at a time",
+            ("target", "ops/s", "Redis round trips", "fewer than Redis alone"),
+            [
+                (
+                    row["target"],
+                    f"{row['ops']:,.0f}",
+                    f"{row['round_trips']:,} / {row['operations']:,} ops",
+                    f"{row['fewer_round_trips']:.1%}",
+                )
+                for row in report.zipf
+            ],
         )
-    console.print(table)
+    )
     hot = report.hot_key
     if hot:
         console.print(
@@ -363,14 +367,28 @@ def render(report: CacheReport, console: Console) -> None:
             f"dropped from near after the write was sent: p50 {stale['since_sent_p50']:.2f} "
             f"ms, p99 {stale['since_sent_p99']:.2f} ms ({stale['writes']} writes)"
         )
-    table = Table(title="read-through decorators on one Redis server")
-    for column in ("decorator", "hits/s", "misses/s", "calls per 100 concurrent misses"):
-        table.add_column(column, justify="left" if column == "decorator" else "right")
-    for row in report.decorator:
-        table.add_row(
-            row["target"],
-            f"{row['hit_ops']:,.0f}",
-            f"{row['miss_ops']:,.0f}",
-            f"{row['calls_per_100_concurrent_misses']:.1f}",
+    console.print(
+        _table(
+            "read-through decorators on one Redis server",
+            ("decorator", "hits/s", "misses/s", "calls per 100 concurrent misses"),
+            [
+                (
+                    row["target"],
+                    f"{row['hit_ops']:,.0f}",
+                    f"{row['miss_ops']:,.0f}",
+                    f"{row['calls_per_100_concurrent_misses']:.1f}",
+                )
+                for row in report.decorator
+            ],
         )
-    console.print(table)
+    )
+
+
+def _table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> Table:
+    """A table whose first column is left-aligned and the others right-aligned."""
+    table = Table(title=title)
+    for index, column in enumerate(columns):
+        table.add_column(column, justify="right" if index else "left")
+    for row in rows:
+        table.add_row(*row)
+    return table

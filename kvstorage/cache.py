@@ -34,7 +34,6 @@ import hashlib
 import inspect
 import json
 import logging
-import math
 import secrets
 import time
 import uuid
@@ -51,7 +50,7 @@ from .drivers.tiered import TieredDriver
 from .errors import ConditionFailedError
 from .keys import normalize_key
 from .serializers import Serializer
-from .storage import TTL, Storage
+from .storage import TTL, Storage, ttl_seconds
 
 __all__ = ["Cached", "TieredDriver", "cached"]
 
@@ -67,18 +66,6 @@ LOCK_SUFFIX = ":~lock"
 _POLL_FIRST, _POLL_MAX = 0.002, 0.05
 _ESCAPES = str.maketrans({"%": "%25", ":": "%3A", "/": "%2F", "\\": "%5C"})
 _background: set[asyncio.Task[None]] = set()
-
-
-def _seconds(value: TTL, name: str) -> float:
-    if isinstance(value, timedelta):
-        seconds = value.total_seconds()
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        raise TypeError(f"{name} must be seconds or a timedelta, not {type(value).__name__}")
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}")
-    return seconds
 
 
 def _canonical(value: Any) -> str:
@@ -169,11 +156,11 @@ class Cached(Generic[P, R]):
             raise TypeError(f"storage must be a Storage, not {type(storage).__name__}")
         self._fn = fn
         self._storage = storage
-        self._ttl = None if ttl is None else _seconds(ttl, "ttl")
-        self._stale = None if stale_ttl is None else _seconds(stale_ttl, "stale_ttl")
+        self._ttl = None if ttl is None else ttl_seconds(ttl)
+        self._stale = None if stale_ttl is None else ttl_seconds(stale_ttl, "stale_ttl")
         if self._stale is not None and self._ttl is None:
             raise ValueError("stale_ttl needs a ttl (a value without ttl never goes stale)")
-        self._lock_ttl = _seconds(lock_ttl, "lock_ttl")
+        self._lock_ttl = ttl_seconds(lock_ttl, "lock_ttl")
         self._stored_ttl = None if self._ttl is None else self._ttl + (self._stale or 0.0)
         if key is None:
             key = f"cached:{fn.__module__}.{getattr(fn, '__qualname__', repr(fn))}"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from enum import Enum
@@ -21,11 +21,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvstorage import Storage, create_storage, normalize_key
-from kvstorage.cache import MAX_ARGUMENTS, TieredDriver, cached
+from kvstorage.cache import MAX_ARGUMENTS, Cached, TieredDriver, cached
 from kvstorage.drivers import RedisDriver
 
 from .backends.redis import unique_base
-from .support.children import read_lines, spawn
+from .support.children import run_at_once
 from .support.servers import RedisServer
 
 pytestmark = pytest.mark.anyio
@@ -69,24 +69,54 @@ async def stored_envelope(storage: Storage, key: str) -> list[Any]:
     return envelope
 
 
+async def called_once_then_due(storage: Storage, load: Cached[[int], Any], key: str) -> None:
+    """Call ``load(1)`` (the function's first call), then wait until the stored value is
+    past its ttl (a wait for the clock: there is no event for it)."""
+    assert await load(1) == {"n": 1, "call": 1}
+    fresh_until = (await stored_envelope(storage, key))[0]
+    await anyio.sleep(max(fresh_until - time.time(), 0) + 0.01)
+
+
+async def held_calls(
+    calls: Calls,
+    count: int,
+    call: Callable[[], Awaitable[Any]],
+    meanwhile: Callable[[], Awaitable[None]] | None = None,
+) -> list[Any]:
+    """Start ``count`` concurrent ``call()``s while the function is held; once every
+    task waits, run ``meanwhile``, then let the function go on. Returns what each call
+    returned or raised."""
+    calls.gate = anyio.Event()
+    outcomes: list[Any] = []
+
+    async def one() -> None:
+        try:
+            outcomes.append(await call())
+        except Exception as exc:
+            outcomes.append(exc)
+
+    async with anyio.create_task_group() as group:
+        for _ in range(count):
+            group.start_soon(one)
+        await wait_all_tasks_blocked()
+        if meanwhile is not None:
+            await meanwhile()
+        calls.gate.set()
+    calls.gate = None
+    return outcomes
+
+
 # -- one call per missing value ------------------------------------------------------------
 
 
 async def test_concurrent_misses_call_the_function_once(storage: Storage) -> None:
     calls = Calls()
-    calls.gate = anyio.Event()
     load = cached(storage, ttl=60)(calls)
-    results: list[dict[str, int]] = []
 
-    async def caller() -> None:
-        results.append(await load(7))
-
-    async with anyio.create_task_group() as group:
-        for _ in range(100):
-            group.start_soon(caller)
-        await wait_all_tasks_blocked()
+    async def one_call_so_far() -> None:
         assert calls.count == 1
-        calls.gate.set()
+
+    results = await held_calls(calls, 100, lambda: load(7), one_call_so_far)
     assert calls.count == 1
     assert results == [{"n": 7, "call": 1}] * 100
     assert len({id(result) for result in results}) == 100  # each caller its own copy
@@ -97,9 +127,7 @@ async def test_concurrent_misses_call_the_function_once(storage: Storage) -> Non
 async def test_a_value_is_computed_again_after_ttl(storage: Storage) -> None:
     calls = Calls()
     load = cached(storage, ttl=0.05)(calls)
-    assert await load(1) == {"n": 1, "call": 1}
-    fresh_until = (await stored_envelope(storage, load.cache_key(1)))[0]
-    await anyio.sleep(max(fresh_until - time.time(), 0) + 0.01)  # until it is due
+    await called_once_then_due(storage, load, load.cache_key(1))
     assert await load(1) == {"n": 1, "call": 2}
 
 
@@ -118,9 +146,7 @@ async def test_stale_value_is_served_at_once_while_one_refresh_runs(storage: Sto
     calls = Calls()
     load = cached(storage, ttl=0.05, stale_ttl=60)(calls)
     key = load.cache_key(1)
-    assert await load(1) == {"n": 1, "call": 1}
-    fresh_until = (await stored_envelope(storage, key))[0]
-    await anyio.sleep(max(fresh_until - time.time(), 0) + 0.01)  # now stale
+    await called_once_then_due(storage, load, key)  # now stale
     meta = await storage.get_meta(key)
     assert meta is not None and meta.ttl is not None and meta.ttl > 50  # kept for stale_ttl
     calls.gate = anyio.Event()
@@ -143,9 +169,7 @@ async def test_a_failed_refresh_keeps_the_stale_value(storage: Storage) -> None:
     calls = Calls()
     load = cached(storage, ttl=0.05, stale_ttl=60)(calls)
     key = load.cache_key(1)
-    assert await load(1) == {"n": 1, "call": 1}
-    fresh_until = (await stored_envelope(storage, key))[0]
-    await anyio.sleep(max(fresh_until - time.time(), 0) + 0.01)
+    await called_once_then_due(storage, load, key)
     calls.fail_next = True
     assert await load(1) == {"n": 1, "call": 1}
     await wait_all_tasks_blocked()  # the refresh ran (memory: nothing to wait for)
@@ -172,43 +196,24 @@ async def test_invalidate(storage: Storage) -> None:
 
 async def test_invalidate_during_a_call_keeps_its_result_out(storage: Storage) -> None:
     calls = Calls()
-    calls.gate = anyio.Event()
     load = cached(storage, ttl=60)(calls)
-    results = []
 
-    async def caller() -> None:
-        results.append(await load(1))
-
-    async with anyio.create_task_group() as group:
-        group.start_soon(caller)
-        await wait_all_tasks_blocked()
+    async def invalidate() -> None:
         assert await load.invalidate(1) is False
-        calls.gate.set()
+
+    results = await held_calls(calls, 1, lambda: load(1), invalidate)
     assert results == [{"n": 1, "call": 1}]  # its caller gets it, the storage does not
     assert not await storage.has_item(load.cache_key(1))
-    calls.gate = None
     assert await load(1) == {"n": 1, "call": 2}
 
 
 async def test_exceptions_are_not_cached(storage: Storage) -> None:
     calls = Calls()
-    calls.gate = anyio.Event()
     calls.fail_next = True
     load = cached(storage, ttl=60, lock_ttl=30)(calls)
-    errors: list[BaseException] = []
-
-    async def caller() -> None:
-        try:
-            await load(1)
-        except RuntimeError as exc:
-            errors.append(exc)
-
-    async with anyio.create_task_group() as group:
-        for _ in range(10):
-            group.start_soon(caller)
-        await wait_all_tasks_blocked()
-        calls.gate.set()
-    assert len(errors) == 10 and calls.count == 1  # the waiters share the one failure
+    errors = await held_calls(calls, 10, lambda: load(1))
+    assert calls.count == 1  # the waiters share the one failure
+    assert len(errors) == 10 and all(isinstance(error, RuntimeError) for error in errors)
     assert not await storage.has_item(load.cache_key(1))
     with anyio.fail_after(5):  # the lock is gone: no wait for lock_ttl
         assert await load(1) == {"n": 1, "call": 2}
@@ -413,25 +418,7 @@ asyncio.run(main())
 
 
 async def _one_call_across_processes(url: str) -> None:
-    children = [await spawn(CACHED_CHILD, url) for _ in range(4)]
-    try:
-        with anyio.fail_after(120):
-            for child in children:
-                assert await read_lines(child, 1) == ["ready"]
-            for child in children:
-                assert child.stdin is not None
-                await child.stdin.send(b"go\n")
-            outputs = []
-            for child in children:
-                assert child.stdout is not None
-                output = b"".join([chunk async for chunk in child.stdout]).decode()
-                assert await child.wait() == 0, output
-                outputs.append(output.split())
-    finally:
-        for child in children:
-            if child.returncode is None:
-                child.kill()
-            await child.aclose()
+    outputs = await run_at_once(CACHED_CHILD, url, processes=4)
     assert all(lines[-1] == "done" for lines in outputs)
     assert sum(lines.count("call") for lines in outputs) == 1
 

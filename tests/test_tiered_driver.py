@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
 import anyio
@@ -280,6 +280,18 @@ class Racing:
 
         await eventually(done)
 
+    async def overtaken(self, operation: str, mine: Awaitable[object], events: int) -> None:
+        """Run ``mine`` with its far ``operation`` held once far has done it; meanwhile the
+        other writer sets ``k`` to "theirs"; release it once mine has handled ``events``
+        update events of ``k``."""
+        reached, release = self.gated.hold(operation)
+        async with anyio.create_task_group() as group:
+            group.start_soon(lambda: mine)
+            await reached.wait()  # done by far, the reply not yet back
+            await self.other.set_item("k", "theirs")
+            await self.handled("k", events)
+            release.set()
+
 
 EXACT = pytest.mark.parametrize("shared_far", ["redis", "postgres"], indirect=True)
 
@@ -289,13 +301,7 @@ async def test_a_write_overtaken_by_another_writer_is_not_kept(shared_far: Share
     async with Racing(shared_far) as race:
         await race.mine.set_item("k", "x")
         await race.handled("k", 1)
-        reached, release = race.gated.hold("set")
-        async with anyio.create_task_group() as group:
-            group.start_soon(race.mine.set_item, "k", "mine")
-            await reached.wait()  # applied by far, the reply not yet back
-            await race.other.set_item("k", "theirs")
-            await race.handled("k", 3)  # x, mine (our own), theirs
-            release.set()
+        await race.overtaken("set", race.mine.set_item("k", "mine"), 3)  # x, mine, theirs
         assert await race.mine.get_item("k") == "theirs"
 
 
@@ -304,14 +310,8 @@ async def test_a_read_overtaken_by_another_writer_is_not_kept(shared_far: Shared
     async with Racing(shared_far) as race:
         await race.other.set_item("k", "old")
         await race.handled("k", 1)
-        reached, release = race.gated.hold("get")
-        async with anyio.create_task_group() as group:
-            group.start_soon(race.mine.get_item, "k")
-            await reached.wait()  # far answered "old", the reply not yet back
-            await race.other.set_item("k", "new")
-            await race.handled("k", 2)
-            release.set()
-        assert await race.mine.get_item("k") == "new"
+        await race.overtaken("get", race.mine.get_item("k"), 2)  # far answered "old"
+        assert await race.mine.get_item("k") == "theirs"
 
 
 @EXACT
