@@ -5,6 +5,7 @@ and the peers, measured in the same run.
     python -m benchmarks --drivers all --quick # + redis, s3 and postgres on servers it starts
     python -m benchmarks --json out.json --plot out.png
     python -m benchmarks --wrappers --drivers none  # only the driver wrappers' overhead
+    python -m benchmarks --cache --drivers none     # only the cache workload (on Redis)
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from rich.table import Table
 from kvstorage import Storage, create_storage
 from tests.support.servers import moto_server, postgres_server, redis_server
 
-from . import targets, unstorage, wrappers
+from . import cache, targets, unstorage, wrappers
 from .report import pivot, ratio
 from .targets import Target
 from .workload import OPERATIONS, Row, best_rounds, run_scaling, run_workload
@@ -306,6 +307,12 @@ async def main(argv: list[str] | None = None) -> int:
         "and redis (in the same run)",
     )
     parser.add_argument(
+        "--cache",
+        action="store_true",
+        help="also run the cache workload on Redis: Zipf reads through TieredDriver vs Redis "
+        "alone, hot-key reads, staleness across processes, cached vs aiocache",
+    )
+    parser.add_argument(
         "--rounds", type=int, default=None, help="rounds per driver, best kept (default 3)"
     )
     parser.add_argument("--json", metavar="PATH", help="write the raw figures as JSON")
@@ -318,8 +325,9 @@ async def main(argv: list[str] | None = None) -> int:
     console.print(f"[bold]kvstorage benchmarks[/bold] N={n}, best of {rounds} on {machine()}")
     rows: list[Row] = []
     wrapper_rows: list[Row] = []
+    cache_report: cache.CacheReport | None = None
     with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
-        needs_redis = "redis" in names or args.wrappers
+        needs_redis = "redis" in names or args.wrappers or args.cache
         redis_url = stack.enter_context(redis_server()) if needs_redis else None
         s3_url = stack.enter_context(moto_server()) if "s3" in names else None
         pg_url = stack.enter_context(postgres_server()) if "postgres" in names else None
@@ -341,10 +349,17 @@ async def main(argv: list[str] | None = None) -> int:
                 )
             if args.wrappers:
                 wrapper_rows = await bench_wrappers(redis_url, n)
+        if args.cache:
+            if redis_url is None:
+                console.print("[yellow]skipping the cache workload: no redis-server[/yellow]")
+            else:
+                cache_report = await cache.run(redis_url, quick=args.quick, console=console)
         if not args.no_sessions:
             rows += await bench_sessions(args.quick, redis_url, pg_url)
     render(rows)
     wrappers.render(wrapper_rows, Console(width=200))
+    if cache_report is not None:
+        cache.render(cache_report, Console(width=200))
     if args.json:
         payload = {
             "machine": machine(),
@@ -353,6 +368,8 @@ async def main(argv: list[str] | None = None) -> int:
             "rows": [row.as_dict() for row in rows],
             "wrappers": [row.as_dict() for row in wrapper_rows],
         }
+        if cache_report is not None:
+            payload["cache"] = cache_report.as_dict()
         await anyio.Path(args.json).write_text(json.dumps(payload, indent=2))
     if args.plot:
         plot(rows, args.plot)

@@ -114,17 +114,21 @@ def _raise_driver_error(mount: MountPoint, exc: Exception) -> NoReturn:
 
 
 def _expires_at(ttl: TTL | None) -> float | None:
-    if ttl is None:
-        return None
+    return None if ttl is None else time.time() + ttl_seconds(ttl)
+
+
+def ttl_seconds(ttl: TTL, name: str = "ttl") -> float:
+    """``ttl`` in seconds; ``TypeError`` unless it is a number or a ``timedelta``,
+    ``ValueError`` unless it is finite and positive (the message names it ``name``)."""
     if isinstance(ttl, timedelta):
         seconds = ttl.total_seconds()
     elif isinstance(ttl, int | float) and not isinstance(ttl, bool):
         seconds = float(ttl)
     else:
-        raise TypeError(f"ttl must be seconds or a timedelta, not {type(ttl).__name__}")
+        raise TypeError(f"{name} must be seconds or a timedelta, not {type(ttl).__name__}")
     if not seconds > 0 or not math.isfinite(seconds):
-        raise ValueError(f"ttl must be a finite number of seconds > 0, got {ttl!r}")
-    return time.time() + seconds
+        raise ValueError(f"{name} must be a finite number of seconds > 0, got {ttl!r}")
+    return seconds
 
 
 def _utc(timestamp: float | None) -> datetime | None:

@@ -28,8 +28,9 @@ from kvstorage import (
     restore_snapshot,
     snapshot,
 )
+from kvstorage.drivers import S3Driver
 
-from .backends import DriverFactory
+from .backends import BackendSpec, DriverFactory
 from .support.helpers import eventually, json_values
 
 pytestmark = [pytest.mark.anyio, pytest.mark.wrapped_drivers]
@@ -457,6 +458,32 @@ async def test_etag_changes_on_every_write(storage: Storage) -> None:
     assert len(etags) == 4
 
 
+async def test_set_returns_the_etag_it_wrote(
+    make_driver: DriverFactory, backend_spec: BackendSpec
+) -> None:
+    """Every driver but S3 tells the etag of what it wrote (caches keep their own writes by
+    it), and it is the etag a read then reports."""
+    driver = make_driver()
+    conditions = driver.capabilities.conditions
+    try:
+        writes: list[dict[str, Any]] = [{}, {"expires_at": time.time() + 60}, {}]
+        if conditions:
+            writes[0] = {"if_absent": True}
+        for number, options in enumerate(writes):
+            if conditions and number == 2:
+                current = await driver.get("e")
+                assert current is not None
+                options = {"if_match": current.etag}
+            etag = await driver.set("e", str(number).encode(), **options)
+            record = await driver.get("e")
+            assert record is not None and record.value == str(number).encode()
+            if backend_spec.driver is S3Driver and etag is None:
+                continue
+            assert etag == record.etag, options
+    finally:
+        await driver.dispose()
+
+
 async def test_if_absent(storage: Storage) -> None:
     await storage.set_item("c", 1, if_absent=True)
     with pytest.raises(ConditionFailedError):
@@ -613,6 +640,32 @@ async def test_watch_reports_every_write_path(storage: Storage) -> None:
     await storage.set_item("w:after", 1)
     assert await storage.get_item("w:after") == 1
     assert len(events) == count or all(key != "w:after" for _, key in events[count:])
+
+
+async def test_exact_watch_reports_each_set_once_in_order(make_driver: DriverFactory) -> None:
+    driver = make_driver()
+    if not driver.capabilities.exact_watch:
+        await driver.dispose()
+        pytest.skip("the driver does not declare exact_watch")
+    events: list[tuple[str, str]] = []
+    stop = await driver.watch(lambda event, key: events.append((event, key)))
+    try:
+        expected = []
+        for i in range(12):
+            await driver.set(f"x:{i % 3}", b"v", expires_at=time.time() + 60 if i % 2 else None)
+            expected.append(("update", f"x:{i % 3}"))
+            with pytest.raises(ConditionFailedError):  # a failed condition reports nothing
+                await driver.set(f"x:{i % 3}", b"w", if_absent=True)
+        await driver.set("end", b"")
+
+        async def ended() -> bool:
+            return ("update", "end") in events
+
+        await eventually(ended)
+        assert events == [*expected, ("update", "end")]
+    finally:
+        await stop()
+        await driver.dispose()
 
 
 async def test_watch_on_a_view_strips_its_prefix(storage: Storage) -> None:

@@ -17,6 +17,8 @@ class              URL                       extra
 ``PostgresDriver`` ``postgresql://u:p@h:p/`` ``postgres``
                    ``db?table=kv``,
                    ``postgres://...``
+``TieredDriver``   (none: built on two       (none; a memory cache in front of another
+                   drivers)                  driver, see ``kvstorage.cache``)
 =================  ========================  ===============================================
 """
 
@@ -34,6 +36,7 @@ if TYPE_CHECKING:  # for type checkers only: at run time each class loads on fir
     from .redis import RedisDriver as RedisDriver
     from .s3 import S3Driver as S3Driver
     from .sqlite import SQLiteDriver as SQLiteDriver
+    from .tiered import TieredDriver as TieredDriver
 
 
 class _Registered(NamedTuple):
@@ -51,6 +54,7 @@ _REGISTRY = (
     _Registered("RedisDriver", "redis", "redis", ("redis", "rediss", "redis+cluster")),
     _Registered("S3Driver", "s3", "s3", ("s3",)),
     _Registered("PostgresDriver", "postgres", "postgres", ("postgresql", "postgres")),
+    _Registered("TieredDriver", "tiered", "", ()),
 )
 _BY_CLASS = {entry.class_name: entry for entry in _REGISTRY}
 _BY_SCHEME = {scheme: entry for entry in _REGISTRY for scheme in entry.schemes}

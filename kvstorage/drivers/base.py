@@ -19,7 +19,8 @@ Contract, in short:
   (:meth:`get` may still return it; the core checks ``expires_at`` on every record.)
   Writing without ``expires_at`` removes any previous expiry.
 * **Etags** -- an opaque string that changes on every write of a key (a version counter,
-  a content hash plus a version, an S3 ETag, ...).
+  a content hash plus a version, an S3 ETag, ...). :meth:`Driver.set` returns the etag it
+  wrote when it knows it (None otherwise).
 * **Conditions** -- ``set(..., if_absent=True)`` writes only if the key is absent;
   ``set(..., if_match=etag)`` only if the stored etag equals ``etag``. Otherwise raise
   :class:`~kvstorage.errors.ConditionFailedError` and write nothing. Drivers that declare
@@ -80,6 +81,11 @@ class Capabilities:
         conditions: ``if_absent`` / ``if_match`` are atomic against other processes.
         asyncio_only: the client library runs only on asyncio (not on trio); the
             conformance suite runs every other driver on both.
+        exact_watch: on top of ``watch``, every successful :meth:`Driver.set` is reported
+            by exactly one event, and events come in the order the backend applied the
+            writes (Redis keyspace events, PostgreSQL ``NOTIFY``); false where events may
+            be merged (fs reports a batch of changes per key). A cache in front of the
+            driver relies on it to tell the events of its own writes from others'.
     """
 
     ttl: bool = False
@@ -87,6 +93,7 @@ class Capabilities:
     max_depth: bool = False
     conditions: bool = False
     asyncio_only: bool = False
+    exact_watch: bool = False
 
 
 class Record(NamedTuple):
@@ -152,8 +159,12 @@ class Driver(ABC):
         expires_at: float | None = None,
         if_absent: bool = False,
         if_match: str | None = None,
-    ) -> None:
-        """Store ``value`` at ``key`` (see the module docstring for expiry and conditions)."""
+    ) -> str | None:
+        """Store ``value`` at ``key`` (see the module docstring for expiry and conditions).
+
+        Return the etag of the value written when the backend tells it without more work
+        (a read after the write would not be that etag: another writer may come between),
+        or None. A caching layer keeps what it wrote only when it knows that etag."""
 
     @abstractmethod
     async def remove(self, key: str) -> bool:

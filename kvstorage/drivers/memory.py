@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, Sequence
 
 from ..keys import base_covers
@@ -34,7 +35,11 @@ class MemoryDriver(Driver):
     def __init__(self, *, max_entries: int | None = None) -> None:
         if max_entries is not None and max_entries < 1:
             raise ValueError("max_entries must be at least 1")
-        self._data: dict[str, Record] = {}
+        # Bounded: an OrderedDict, least recently used first (O(1) moves and evictions).
+        self._data: dict[str, Record] = {} if max_entries is None else OrderedDict()
+        self._lru: OrderedDict[str, Record] | None = (
+            self._data if isinstance(self._data, OrderedDict) else None
+        )
         self._max_entries = max_entries
 
     @classmethod
@@ -45,6 +50,11 @@ class MemoryDriver(Driver):
         query = parse_qs(urlsplit(url).query)
         max_entries = query.get("max_entries")
         return cls(max_entries=int(max_entries[0]) if max_entries else None)
+
+    @property
+    def max_entries(self) -> int | None:
+        """The LRU bound given, or None."""
+        return self._max_entries
 
     def __repr__(self) -> str:
         bound = f"max_entries={self._max_entries}" if self._max_entries else ""
@@ -57,13 +67,13 @@ class MemoryDriver(Driver):
         if record.expires_at is not None and record.expires_at <= time.time():
             del self._data[key]
             return None
-        if self._max_entries is not None:
-            self._data[key] = self._data.pop(key)  # most recently used goes last
+        if self._lru is not None:
+            self._lru.move_to_end(key)  # most recently used goes last
         return record
 
-    async def get(self, key: str) -> Record | None:
+    async def get(self, key: str) -> Record | None:  # peek, inlined: the hot path
         record = self._data.get(key)
-        if record is None or (record.expires_at is None and self._max_entries is None):
+        if record is None or (record.expires_at is None and self._lru is None):
             return record
         return self._live(key)
 
@@ -78,20 +88,51 @@ class MemoryDriver(Driver):
         expires_at: float | None = None,
         if_absent: bool = False,
         if_match: str | None = None,
-    ) -> None:
+    ) -> str:
         if if_absent or if_match is not None:
             current = self._live(key)
             etag = None if current is None else current.etag
             check_condition(key, etag, if_absent=if_absent, if_match=if_match)
-        self._store(key, value, expires_at)
+        return self._store(key, value, expires_at)
 
-    def _store(self, key: str, value: bytes, expires_at: float | None) -> None:
-        data = self._data
-        if self._max_entries is not None:
-            data.pop(key, None)
-            while len(data) >= self._max_entries:
-                del data[next(iter(data))]
-        data[key] = make_record((value, str(next(_versions)), time.time(), expires_at))
+    def _store(self, key: str, value: bytes, expires_at: float | None) -> str:
+        etag = str(next(_versions))
+        self.put(key, make_record((value, etag, time.time(), expires_at)))
+        return etag
+
+    # -- for caches: records kept as another driver reported them ------------------------
+
+    def peek(self, key: str) -> Record | None:
+        """The live record at ``key`` or None, without awaiting (an expired one is
+        dropped; a read counts as a use for the LRU bound)."""
+        record = self._data.get(key)
+        if record is None:
+            return None
+        if record.expires_at is not None:
+            return self._live(key)
+        if self._lru is not None:
+            self._lru.move_to_end(key)
+        return record
+
+    def put(self, key: str, record: Record) -> None:
+        """Store ``record`` exactly as given -- etag and times included -- without
+        awaiting, evicting the least recently used keys beyond ``max_entries``. For caches
+        that keep the records of another driver (``TieredDriver``)."""
+        lru = self._lru
+        if lru is None:
+            self._data[key] = record
+            return
+        if key in lru:
+            lru.move_to_end(key)
+        else:
+            limit = self._max_entries or 0
+            while len(lru) >= limit:
+                lru.popitem(last=False)
+        lru[key] = record
+
+    def discard(self, key: str) -> None:
+        """Forget ``key`` if it is stored, without awaiting."""
+        self._data.pop(key, None)
 
     async def set_many(
         self, items: Sequence[tuple[str, bytes]], *, expires_at: float | None = None

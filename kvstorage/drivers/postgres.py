@@ -43,6 +43,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import re
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
@@ -196,7 +197,9 @@ class PostgresDriver(Driver):
     """
 
     name = "postgres"
-    capabilities = Capabilities(max_depth=True, conditions=True, watch=True, asyncio_only=True)
+    capabilities = Capabilities(
+        max_depth=True, conditions=True, watch=True, asyncio_only=True, exact_watch=True
+    )
 
     table: str
     """The table holding the keys."""
@@ -266,14 +269,15 @@ class PostgresDriver(Driver):
             "expires_at = excluded.expires_at, mtime = excluded.mtime, "
             "version = excluded.version"
         )
+        # single writes draw the version in Python, so that set() knows its etag
         self._sql_set = (
             f"INSERT INTO {t} (key, value, expires_at, mtime, version) "
-            f"VALUES ($1, $2, $3, $4, {_NEW_VERSION}) {upsert}"
+            f"VALUES ($1, $2, $3, $4, $5) {upsert}"
         )
         # An expired row counts as absent: the upsert overwrites it, a live one stays.
         self._sql_set_absent = self._sql_set + f" WHERE {t}.expires_at <= $4"
         self._sql_set_match = (
-            f"UPDATE {t} SET value = $2, expires_at = $3, mtime = $4, version = {_NEW_VERSION} "
+            f"UPDATE {t} SET value = $2, expires_at = $3, mtime = $4, version = $6 "
             f"WHERE key = $1 AND version = $5 AND {_LIVE % 4}"
         )
         self._sql_set_many = (
@@ -397,8 +401,9 @@ class PostgresDriver(Driver):
         expires_at: float | None = None,
         if_absent: bool = False,
         if_match: str | None = None,
-    ) -> None:
+    ) -> str:
         now = time.time()
+        new = random.getrandbits(62)  # as the server's (random() * 2^62)::int8
         with self._unreachable:
             pool = self._ready_pool or await self._connect()
             if if_match is not None:
@@ -409,16 +414,17 @@ class PostgresDriver(Driver):
                 if not -(2**63) <= version < 2**63:
                     raise ConditionFailedError(f"etag of {key!r} does not match")
                 status: str = await pool.execute(
-                    self._sql_set_match, key, value, expires_at, now, version
+                    self._sql_set_match, key, value, expires_at, now, version, new
                 )
                 if status == "UPDATE 0":
                     raise ConditionFailedError(f"etag of {key!r} does not match")
             elif if_absent:
-                status = await pool.execute(self._sql_set_absent, key, value, expires_at, now)
+                status = await pool.execute(self._sql_set_absent, key, value, expires_at, now, new)
                 if status == "INSERT 0 0":
                     raise ConditionFailedError(f"key {key!r} already exists")
             else:
-                await pool.execute(self._sql_set, key, value, expires_at, now)
+                await pool.execute(self._sql_set, key, value, expires_at, now, new)
+        return str(new)
 
     async def remove(self, key: str) -> bool:
         with self._unreachable:

@@ -109,6 +109,7 @@ AnyRedis = Redis | RedisCluster
 _MAGIC = b"KVS\x01"
 _HEADER = struct.Struct("<4s12sdd")  # magic, etag, mtime, expiry
 _HEADER_SIZE = _HEADER.size
+_ETAG = slice(4, 16)  # where the etag lies in the header
 _EXPIRY = struct.Struct("<d")
 _random_bits = random.getrandbits
 _UNREACHABLE = (ConnectionError, TimeoutError, ClusterDownError, OSError)
@@ -314,7 +315,9 @@ class RedisDriver(Driver):
 
     name = "redis"
     #: Per instance: a cluster client has no ``watch``.
-    capabilities = Capabilities(ttl=True, watch=True, conditions=True, asyncio_only=True)
+    capabilities = Capabilities(
+        ttl=True, watch=True, conditions=True, asyncio_only=True, exact_watch=True
+    )
 
     def __init__(
         self,
@@ -359,7 +362,11 @@ class RedisDriver(Driver):
         self._unreachable = _Unreachable(self._where, self.name)
         self._watchers: set[Callable[[], Awaitable[None]]] = set()
         self.capabilities = Capabilities(
-            ttl=True, watch=not cluster, conditions=True, asyncio_only=True
+            ttl=True,
+            watch=not cluster,
+            conditions=True,
+            asyncio_only=True,
+            exact_watch=not cluster,
         )
 
     @classmethod
@@ -509,7 +516,7 @@ class RedisDriver(Driver):
         expires_at: float | None = None,
         if_absent: bool = False,
         if_match: str | None = None,
-    ) -> None:
+    ) -> str:
         name = self._ns + key
         data = _pack(value, expires_at)
         px = _pxat(expires_at)
@@ -528,6 +535,7 @@ class RedisDriver(Driver):
                     raise ConditionFailedError(f"key {key!r} already exists")
             else:
                 await self._call(client, "SET", name, data, *expiry)
+        return data[_ETAG].hex()
 
     async def remove(self, key: str) -> bool:
         with self._unreachable:

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import re
 import sqlite3
 import threading
@@ -46,6 +47,12 @@ _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 _CHUNK = 500  # keys per IN (...) list: well below SQLite's bound-parameter limit
 _PAGE = 500  # keys per listing query
 _LIVE = "(expiry IS NULL OR expiry > ?)"
+
+
+def _new_version() -> int:
+    """A random signed 64-bit version for a row written: its etag, which the writer knows
+    without reading it back (the random module reseeds in forked children)."""
+    return random.getrandbits(64) - 2**63
 
 
 class SQLiteDriver(Driver):
@@ -117,14 +124,14 @@ class SQLiteDriver(Driver):
             f"SELECT length(value), version, mtime, expiry FROM {t} WHERE key = ? AND {_LIVE}"
         )
         self._sql_set = (
-            f"INSERT INTO {t} (key, value, expiry, mtime, version) VALUES (?, ?, ?, ?, random()) "
+            f"INSERT INTO {t} (key, value, expiry, mtime, version) VALUES (?, ?, ?, ?, ?) "
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value, expiry = excluded.expiry, "
             "mtime = excluded.mtime, version = excluded.version"
         )
         # An expired row counts as absent: the upsert overwrites it, a live one stays.
         self._sql_set_absent = self._sql_set + f" WHERE {t}.expiry <= ?"
         self._sql_set_match = (
-            f"UPDATE {t} SET value = ?, expiry = ?, mtime = ?, version = random() "
+            f"UPDATE {t} SET value = ?, expiry = ?, mtime = ?, version = ? "
             f"WHERE key = ? AND version = ? AND {_LIVE}"
         )
         self._sql_touch = f"UPDATE {t} SET expiry = ? WHERE key = ? AND {_LIVE}"
@@ -322,25 +329,27 @@ class SQLiteDriver(Driver):
         expires_at: float | None = None,
         if_absent: bool = False,
         if_match: str | None = None,
-    ) -> None:
+    ) -> str:
         now = time.time()
+        new = _new_version()
         if if_match is not None:
             try:
                 version = int(if_match)
             except ValueError:
                 raise ConditionFailedError(f"etag of {key!r} does not match") from None
             sql = self._sql_set_match
-            params: tuple[Any, ...] = (value, expires_at, now, key, version, now)
+            params: tuple[Any, ...] = (value, expires_at, now, new, key, version, now)
         elif if_absent:
-            sql, params = self._sql_set_absent, (key, value, expires_at, now, now)
+            sql, params = self._sql_set_absent, (key, value, expires_at, now, new, now)
         else:
-            sql, params = self._sql_set, (key, value, expires_at, now)
+            sql, params = self._sql_set, (key, value, expires_at, now, new)
         db = await self._connection()
         cursor = await db.execute(sql, params)
         if cursor.rowcount == 0:
             if if_absent:
                 raise ConditionFailedError(f"key {key!r} already exists")
             raise ConditionFailedError(f"etag of {key!r} does not match")
+        return str(new)
 
     async def remove(self, key: str) -> bool:
         # Only a live row counts; an expired one is left to sweep() (it is invisible).
@@ -377,7 +386,7 @@ class SQLiteDriver(Driver):
                 await self.set(key, value, expires_at=expires_at)
             return
         now = time.time()
-        rows = [(key, value, expires_at, now) for key, value in items]
+        rows = [(key, value, expires_at, now, _new_version()) for key, value in items]
         sql = self._sql_set
         await self._transaction(lambda db: db.executemany(sql, rows))
 

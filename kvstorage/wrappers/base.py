@@ -63,8 +63,8 @@ class WrapperDriver(Driver):
         expires_at: float | None = None,
         if_absent: bool = False,
         if_match: str | None = None,
-    ) -> None:
-        await self.inner.set(
+    ) -> str | None:
+        return await self.inner.set(
             key, value, expires_at=expires_at, if_absent=if_absent, if_match=if_match
         )
 
@@ -151,8 +151,8 @@ class TransformingDriver(WrapperDriver):
         expires_at: float | None = None,
         if_absent: bool = False,
         if_match: str | None = None,
-    ) -> None:
-        await self.inner.set(
+    ) -> str | None:
+        return await self.inner.set(
             key,
             self.encode(key, value),
             expires_at=expires_at,

@@ -128,12 +128,13 @@ class InstrumentedDriver(WrapperDriver):
         expires_at: float | None = None,
         if_absent: bool = False,
         if_match: str | None = None,
-    ) -> None:
+    ) -> str | None:
         with self._operation("set") as op:
-            await self.inner.set(
+            etag = await self.inner.set(
                 key, value, expires_at=expires_at, if_absent=if_absent, if_match=if_match
             )
             op.wrote(1, len(value))
+            return etag
 
     async def set_many(
         self, items: Sequence[tuple[str, bytes]], *, expires_at: float | None = None

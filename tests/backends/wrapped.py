@@ -1,5 +1,6 @@
-"""The driver wrappers in the conformance matrix: each wrapper, and both stacks of
-encryption and compression, around every driver in :data:`WRAPPED_DRIVERS`.
+"""The driver wrappers in the conformance matrix: each wrapper, both stacks of encryption
+and compression, and a ``TieredDriver`` (a memory near cache in front of the driver as
+its far driver), around every driver in :data:`WRAPPED_DRIVERS`.
 
 A wrapped case reuses the plain driver's factory fixture and wraps each driver it makes
 (``BackendSpec.wrap``), so a wrapper joins the matrix with one entry in :data:`WRAPPERS`.
@@ -16,6 +17,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from kvstorage import Driver
+from kvstorage.cache import TieredDriver
+from kvstorage.drivers import MemoryDriver
 from kvstorage.wrappers import CompressedDriver, EncryptedDriver, InstrumentedDriver
 
 #: The plain drivers that every wrapper runs over.
@@ -42,6 +45,11 @@ def instrumented(inner: Driver) -> Driver:
     )
 
 
+def tiered(far: Driver) -> Driver:
+    """A small near cache (evictions happen), in front of the driver."""
+    return TieredDriver(near=MemoryDriver(max_entries=32), far=far, max_stale=5.0)
+
+
 #: Wrapper name (as in test ids, outermost first) -> what wraps a driver.
 WRAPPERS: dict[str, Callable[[Driver], Driver]] = {
     "encrypted": encrypted,
@@ -49,4 +57,5 @@ WRAPPERS: dict[str, Callable[[Driver], Driver]] = {
     "instrumented": instrumented,
     "encrypted-compressed": lambda inner: encrypted(compressed(inner)),
     "compressed-encrypted": lambda inner: compressed(encrypted(inner)),
+    "tiered": tiered,
 }

@@ -58,10 +58,11 @@ async def read_lines(process: Process, count: int) -> list[str]:
     return received.decode().splitlines()
 
 
-async def run_counters(url: str, per_process: int, *, processes: int = 2) -> None:
-    """Run ``processes`` COUNTER_CHILDs on the storage at ``url`` at once (each starts
-    counting when all are ready); fail unless each exits cleanly within 120 s."""
-    children = [await spawn(COUNTER_CHILD, url, str(per_process)) for _ in range(processes)]
+async def run_at_once(code: str, *args: str, processes: int) -> list[list[str]]:
+    """Run ``processes`` children ``python -c code *args`` that each print "ready" and then
+    wait for a line on stdin: once all are ready, send each one "go". Returns each
+    child's output lines after "ready"; fails unless each exits cleanly within 120 s."""
+    children = [await spawn(code, *args) for _ in range(processes)]
     try:
         with anyio.fail_after(120):
             for child in children:
@@ -69,11 +70,22 @@ async def run_counters(url: str, per_process: int, *, processes: int = 2) -> Non
             for child in children:
                 assert child.stdin is not None
                 await child.stdin.send(b"go\n")
+            outputs = []
             for child in children:
-                assert await read_lines(child, 1) == ["done"]
-                assert await child.wait() == 0
+                assert child.stdout is not None
+                output = b"".join([chunk async for chunk in child.stdout]).decode()
+                assert await child.wait() == 0, output
+                outputs.append(output.splitlines())
+            return outputs
     finally:
         for child in children:
             if child.returncode is None:
                 child.kill()
             await child.aclose()
+
+
+async def run_counters(url: str, per_process: int, *, processes: int = 2) -> None:
+    """Run ``processes`` COUNTER_CHILDs on the storage at ``url`` at once (each starts
+    counting when all are ready); fail unless each exits cleanly within 120 s."""
+    outputs = await run_at_once(COUNTER_CHILD, url, str(per_process), processes=processes)
+    assert outputs == [["done"]] * processes

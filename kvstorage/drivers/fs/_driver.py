@@ -474,17 +474,20 @@ class FSDriver(Driver):
 
     # -- writing ------------------------------------------------------------------------
 
-    def _store(self, key: str, value: bytes, expires_at: float | None) -> None:
-        """Write ``value`` atomically (the caller holds the key's lock)."""
+    def _store(self, key: str, value: bytes, expires_at: float | None) -> str:
+        """Write ``value`` atomically (the caller holds the key's lock); return its etag."""
         parts, name = file_path(key)
         dirs = self._open_dirs(parts, create=True)
         assert dirs is not None
         try:
-            self._replace(dirs, name, header(expires_at, value), value, expires_at is not None)
+            return self._replace(
+                dirs, name, header(expires_at, value), value, expires_at is not None
+            )
         finally:
             dirs.close()
 
-    def _replace(self, dirs: Dirs, name: str, head: bytes, value: bytes, expiring: bool) -> None:
+    def _replace(self, dirs: Dirs, name: str, head: bytes, value: bytes, expiring: bool) -> str:
+        """Write a new file and rename it to ``name``; return its etag."""
         dir_fd = dirs.fd
         temp = TEMP + secrets.token_hex(8)
         try:
@@ -501,6 +504,7 @@ class FSDriver(Driver):
                     os.fchmod(fd, self.file_mode)
                 if self.fsync:
                     os.fsync(fd)
+                written = etag(os.fstat(fd))  # a rename keeps inode, mtime and size
             finally:
                 os.close(fd)
             if expiring:
@@ -530,6 +534,7 @@ class FSDriver(Driver):
             raise
         if self.fsync:
             os.fsync(dir_fd)
+        return written
 
     def _set(
         self,
@@ -538,14 +543,14 @@ class FSDriver(Driver):
         expires_at: float | None,
         if_absent: bool,
         if_match: str | None,
-    ) -> None:
-        def write() -> None:
+    ) -> str:
+        def write() -> str:
             if if_absent or if_match is not None:
                 current = self._current_etag(key)
                 check_condition(key, current, if_absent=if_absent, if_match=if_match)
-            self._store(key, value, expires_at)
+            return self._store(key, value, expires_at)
 
-        self._locked(key, write)
+        return self._locked(key, write)
 
     def _set_many(self, items: Sequence[tuple[str, bytes]], expires_at: float | None) -> None:
         for key, value in items:  # key by key: a long batch does not stall other writers
@@ -569,9 +574,9 @@ class FSDriver(Driver):
         expires_at: float | None = None,
         if_absent: bool = False,
         if_match: str | None = None,
-    ) -> None:
+    ) -> str:
         self._check_writable()
-        await self._run(self._set, key, value, expires_at, if_absent, if_match)
+        return await self._run(self._set, key, value, expires_at, if_absent, if_match)
 
     async def set_many(
         self, items: Sequence[tuple[str, bytes]], *, expires_at: float | None = None
