@@ -45,9 +45,12 @@ async def drop_tables(url: str, tables: list[str]) -> None:
         return
     connection = await asyncpg.connect(url)
     try:
+        # the schema table exists only once some driver has used the database
+        schema = await connection.fetchval("SELECT to_regclass('kvstorage_schema')")
         for table in tables:
             await connection.execute(f'DROP TABLE IF EXISTS "{table}"')
-            await connection.execute("DELETE FROM kvstorage_schema WHERE name = $1", table)
+            if schema is not None:
+                await connection.execute("DELETE FROM kvstorage_schema WHERE name = $1", table)
     finally:
         await connection.close()
 
