@@ -282,10 +282,19 @@ class SessionManager:
                 removed += len(dead)
         return removed
 
+    @property
+    def sweep_due(self) -> bool:
+        """True when ``sweep_interval`` has passed since the last sweep (and none runs)."""
+        return (
+            self.sweep_interval is not None
+            and not self._sweeping
+            and time.monotonic() >= self._next_sweep
+        )
+
     async def sweep_if_due(self) -> None:
         """Run :meth:`sweep` if ``sweep_interval`` has passed since the last one (the
         middleware calls this after each response); errors are logged, not raised."""
-        if self.sweep_interval is None or self._sweeping or time.monotonic() < self._next_sweep:
+        if not self.sweep_due or self.sweep_interval is None:
             return
         self._sweeping = True
         try:

@@ -27,7 +27,7 @@ class _Request:
 
     def __init__(self, scope: Scope, cookie: str | None, header: bytes | None) -> None:
         self.ids: list[str] = []
-        self.origin = self.host = self.fetch_site = None
+        self.origin = self.host = self.fetch_site = b""
         from_header = None
         for name, value in scope["headers"]:
             if name == b"cookie" and cookie is not None:
@@ -38,11 +38,11 @@ class _Request:
             elif name == header:
                 from_header = value.decode("latin-1")
             elif name == b"origin":
-                self.origin = value.decode("latin-1")
+                self.origin = value
             elif name == b"host":
-                self.host = value.decode("latin-1")
+                self.host = value
             elif name == b"sec-fetch-site":
-                self.fetch_site = value.decode("latin-1")
+                self.fetch_site = value
         if from_header is not None:  # the cookie wins when both hold a valid ID
             self.ids.append(from_header)
 
@@ -50,10 +50,13 @@ class _Request:
         """True when a browser says the request comes from another origin: its
         ``Origin`` differs from the request's own, or (without ``Origin``)
         ``Sec-Fetch-Site`` is ``cross-site`` or ``same-site`` (a sibling subdomain)."""
-        if self.origin is not None:
-            netloc = urlsplit(self.origin).netloc.lower()
-            return self.origin == "null" or self.host is None or netloc != self.host.lower()
-        return self.fetch_site in ("cross-site", "same-site")
+        if self.origin:
+            origin = self.origin.decode("latin-1")
+            netloc = urlsplit(origin).netloc.lower()
+            return (
+                origin == "null" or not self.host or netloc != self.host.decode("latin-1").lower()
+            )
+        return self.fetch_site in (b"cross-site", b"same-site")
 
 
 def _with_headers(headers: Iterable[Header], added: list[tuple[str, str]]) -> list[Header]:
@@ -154,5 +157,5 @@ class SessionMiddleware:
         await self.app(scope, receive, send_wrapper)
         if persist and session.modified:  # changed after the headers went out
             await manager.commit(session, headers_sent=True)
-        if persist:
+        if persist and manager.sweep_due:
             await manager.sweep_if_due()
