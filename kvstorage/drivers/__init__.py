@@ -14,6 +14,8 @@ class              URL                       extra
                    ``rediss://``,
                    ``redis+cluster://h:p,h:p``
 ``S3Driver``       ``s3://bucket/prefix``    ``s3``
+``HTTPDriver``     ``http://h:p/base``,      ``http``
+                   ``https://...``
 =================  ========================  ===============================================
 """
 
@@ -26,6 +28,7 @@ from .base import Driver
 
 if TYPE_CHECKING:  # for type checkers only: at run time each class loads on first use
     from .fs import FSDriver as FSDriver
+    from .http import HTTPDriver as HTTPDriver
     from .memory import MemoryDriver as MemoryDriver
     from .redis import RedisDriver as RedisDriver
     from .s3 import S3Driver as S3Driver
@@ -46,6 +49,7 @@ _REGISTRY = (
     _Registered("SQLiteDriver", "sqlite", "sqlite", ("sqlite",)),
     _Registered("RedisDriver", "redis", "redis", ("redis", "rediss", "redis+cluster")),
     _Registered("S3Driver", "s3", "s3", ("s3",)),
+    _Registered("HTTPDriver", "http", "http", ("http", "https")),
 )
 _BY_CLASS = {entry.class_name: entry for entry in _REGISTRY}
 _BY_SCHEME = {scheme: entry for entry in _REGISTRY for scheme in entry.schemes}

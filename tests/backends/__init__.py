@@ -15,7 +15,14 @@ from dataclasses import dataclass
 import pytest
 
 from kvstorage import Driver
-from kvstorage.drivers import FSDriver, MemoryDriver, RedisDriver, S3Driver, SQLiteDriver
+from kvstorage.drivers import (
+    FSDriver,
+    HTTPDriver,
+    MemoryDriver,
+    RedisDriver,
+    S3Driver,
+    SQLiteDriver,
+)
 
 DriverFactory = Callable[[], Driver]
 
@@ -43,6 +50,7 @@ BACKENDS: list[BackendSpec] = [
     BackendSpec("s3", "s3_driver_factory", S3Driver),
     BackendSpec("redis", "redis_driver_factory", RedisDriver),
     BackendSpec("redis_cluster", "redis_cluster_driver_factory", RedisDriver),
+    BackendSpec("http", "http_driver_factory", HTTPDriver),
 ]
 
 

@@ -1,6 +1,6 @@
 """Throwaway servers on free loopback ports, for the tests and the benchmarks alike:
-``redis-server`` processes (stopped by pid, never a server that was already running) and
-moto's S3 server."""
+``redis-server`` processes (stopped by pid, never a server that was already running),
+moto's S3 server and uvicorn serving an ASGI app in a thread."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 def free_port(*, with_bus: bool = False) -> int:
@@ -137,3 +139,27 @@ def moto_server() -> Iterator[str | None]:
     finally:
         server.stop()
         werkzeug.setLevel(level)
+
+
+@contextmanager
+def asgi_server(app: Any, *, port: int | None = None) -> Iterator[str]:
+    """Serve the ASGI ``app`` with uvicorn on a loopback port, in a thread of this
+    process, meanwhile; yield its URL (``http://127.0.0.1:<port>``)."""
+    import uvicorn
+
+    port = port or free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError(f"uvicorn did not start on port {port}")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
