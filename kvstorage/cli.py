@@ -17,12 +17,13 @@ import logging
 import math
 import os
 import re
+import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
-from contextlib import nullcontext, suppress
-from datetime import datetime
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
+from contextlib import contextmanager, nullcontext, suppress
+from datetime import UTC, datetime
 from typing import IO, Any, NoReturn
 
 import anyio
@@ -62,7 +63,8 @@ class _Exit(Exception):
 class _DumpLine(msgspec.Struct, forbid_unknown_fields=True):
     key: str
     value: bytes  # base64 in the file
-    ttl: float | None = None
+    ttl: float | None = None  # seconds left when dumped
+    expires_at: float | None = None  # the same as a Unix time: load keeps the expiry exact
 
 
 def _redact_text(text: str) -> str:
@@ -376,7 +378,8 @@ async def _dump(args: argparse.Namespace) -> int:
                 ttl = None if expires_at is None else expires_at.timestamp() - now
                 if ttl is not None and ttl <= 0:
                     continue
-                out.write(_json_line(_DumpLine(key, entry.value, ttl)))
+                at = None if expires_at is None else expires_at.timestamp()
+                out.write(_json_line(_DumpLine(key, entry.value, ttl, at)))
     finally:
         if out is not _out():
             out.close()
@@ -412,11 +415,14 @@ async def _load(args: argparse.Namespace) -> int:
 
 def _as_entry(item: _DumpLine) -> Entry:
     """A dump line as the :class:`Entry` the writers take (only value and expiry count)."""
-    expires_at = None
-    if item.ttl is not None:
+    at = item.expires_at
+    if at is None and item.ttl is not None:
         if not (math.isfinite(item.ttl) and item.ttl > 0):
             raise _Exit(USAGE, f"bad ttl {item.ttl!r} for {item.key!r}")
-        expires_at = datetime.fromtimestamp(time.time() + item.ttl).astimezone()
+        at = time.time() + item.ttl
+    if at is not None and not math.isfinite(at):
+        raise _Exit(USAGE, f"bad expires_at {at!r} for {item.key!r}")
+    expires_at = None if at is None else datetime.fromtimestamp(at, UTC)
     return Entry(item.value, "", Meta(len(item.value), "", None, expires_at, item.ttl))
 
 
@@ -442,12 +448,37 @@ async def _serve(args: argparse.Namespace) -> int:
         _warn("serving without a token on a non-loopback address: set KVSTORAGE_TOKEN")
     app = create_app(storage, token=token, read_only=args.read_only)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
-    server = uvicorn.Server(config)
+    server = _graceful_server_class()(config)
     mode = " (read-only)" if args.read_only else ""
     _warn(f"serving {redact_url(args.url)}{mode} at http://{host}:{port}/")
     with sock:
         await server.serve(sockets=[sock])
     return OK
+
+
+def _graceful_server_class() -> type[Any]:
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn's server, stopped by SIGINT/SIGTERM without re-raising the signal
+        afterwards (uvicorn's own handlers do), so the storage is disposed and the
+        command exits 0."""
+
+        @contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            def stop(signum: int, frame: object) -> None:
+                if self.should_exit and signum == signal.SIGINT:
+                    self.force_exit = True
+                self.should_exit = True
+
+            previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return GracefulServer
 
 
 # -- the parser and main ---------------------------------------------------------------
@@ -522,7 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("url", metavar="URL")
     sub.add_argument("base", metavar="BASE", nargs="?", default="")
 
-    sub = command("dump", _dump, 'write JSON Lines {"key", "value" (base64), "ttl"}')
+    dump_help = 'write JSON Lines {"key", "value" (base64), "ttl", "expires_at"}'
+    sub = command("dump", _dump, dump_help)
     sub.add_argument("url", metavar="URL")
     sub.add_argument("base", metavar="BASE", nargs="?", default="")
     sub.add_argument(
