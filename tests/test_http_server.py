@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import email.utils
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -379,7 +380,7 @@ async def test_hostile_paths_are_4xx_and_stay_inside(tmp_path: Path, path: bytes
                 )
                 status, _ = await raw_request(url, request)
                 assert 400 <= status < 500, (method, status)
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["served"]
+        assert os.listdir(tmp_path) == ["served"]
         assert await storage.get_keys() == ["inside"]
     finally:
         await storage.dispose()
