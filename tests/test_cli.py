@@ -28,7 +28,7 @@ from kvstorage.http import create_app
 
 from .backends import IN_CI
 from .support.helpers import ROOT
-from .support.servers import RedisServer, asgi_server, free_port
+from .support.servers import RedisServer, asgi_server, free_port, kvstorage_server
 
 pytestmark = pytest.mark.anyio
 
@@ -467,21 +467,10 @@ async def test_dump_and_load_round_trip_every_driver(
 
 @pytest.fixture
 def served() -> Iterator[str]:
-    """``kvstorage serve memory://`` as a child process (token :data:`SECRET`); its URL."""
-    port = free_port()
-    env = {**os.environ, "KVSTORAGE_TOKEN": SECRET}
-    with subprocess.Popen(
-        [*KVSTORAGE, "serve", "memory://", "--port", str(port)],
-        stderr=subprocess.PIPE,
-        cwd=ROOT,
-        env=env,
-    ) as server:
-        assert server.stderr is not None
-        line = server.stderr.readline().decode()  # printed once the socket listens
-        assert line == f"kvstorage: serving memory:// at http://127.0.0.1:{port}/\n", line
-        yield f"http://127.0.0.1:{port}"
-        server.send_signal(signal.SIGTERM)
-        assert server.wait(10) == 0
+    """``kvstorage serve memory://`` as a child process (token :data:`SECRET`); its URL.
+    (``kvstorage_server`` checks the "serving ..." line and that SIGTERM ends it with 0.)"""
+    with kvstorage_server("memory://", token=SECRET) as url:
+        yield url
 
 
 async def test_serve_and_use_over_http(served: str, tmp_path: Path) -> None:

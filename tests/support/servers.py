@@ -1,13 +1,16 @@
 """Throwaway servers on free loopback ports, for the tests and the benchmarks alike:
 ``redis-server`` processes (stopped by pid, never a server that was already running),
-moto's S3 server and uvicorn serving an ASGI app in a thread."""
+moto's S3 server, uvicorn serving an ASGI app in a thread, and ``kvstorage serve`` as a
+child process."""
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -163,3 +166,29 @@ def asgi_server(app: Any, *, port: int | None = None) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@contextmanager
+def kvstorage_server(
+    url: str = "memory://", *args: str, token: str | None = None, cwd: Path | None = None
+) -> Iterator[str]:
+    """Run ``python -m kvstorage serve url *args`` on a free loopback port meanwhile (token
+    from ``token``); yield the server's URL once it listens. Stopped with SIGTERM, which
+    must end it cleanly (status 0)."""
+    port = free_port()
+    env = {**os.environ, "KVSTORAGE_TOKEN": token or ""}
+    command = [sys.executable, "-m", "kvstorage", "serve", url, "--port", str(port), *args]
+    root = Path(__file__).resolve().parents[2]
+    with subprocess.Popen(command, stderr=subprocess.PIPE, cwd=cwd or root, env=env) as server:
+        assert server.stderr is not None
+        line = server.stderr.readline().decode()  # written once the socket listens
+        if f"at http://127.0.0.1:{port}/" not in line:
+            server.kill()
+            raise RuntimeError(f"kvstorage serve did not start: {line.strip()!r}")
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.terminate()
+            status = server.wait(10)
+        if status != 0:
+            raise RuntimeError(f"kvstorage serve ended with status {status}")
