@@ -2,7 +2,7 @@
 and the peers, measured in the same run.
 
     python -m benchmarks                       # memory, fs, sqlite (no server needed)
-    python -m benchmarks --drivers all --quick # + redis and s3 on servers it starts itself
+    python -m benchmarks --drivers all --quick # + redis, s3, http on servers it starts itself
     python -m benchmarks --json out.json --plot out.png
 """
 
@@ -17,7 +17,7 @@ import platform
 import sys
 import tempfile
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -26,7 +26,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from kvstorage import Storage, create_storage
-from tests.support.servers import moto_server, redis_server
+from tests.support.servers import kvstorage_server, moto_server, redis_server
 
 from . import targets, unstorage
 from .report import pivot, ratio
@@ -34,18 +34,21 @@ from .targets import Target
 from .workload import OPERATIONS, Row, best_rounds, run_scaling, run_workload
 
 LOCAL = ["memory", "fs", "sqlite"]
-ALL = [*LOCAL, "redis", "s3"]
-NODE_PEERS = {"memory", "fs", "redis"}
+ALL = [*LOCAL, "redis", "s3", "http"]
+NODE_PEERS = {"memory", "fs", "redis", "http"}
 console = Console(stderr=True)
 
 
 class Context:
     """What the per-driver set-ups need: a scratch directory and server addresses."""
 
-    def __init__(self, tmp: Path, redis_url: str | None, s3_url: str | None) -> None:
+    def __init__(
+        self, tmp: Path, redis_url: str | None, s3_url: str | None, http_url: str | None = None
+    ) -> None:
         self.tmp = tmp
         self.redis_url = redis_url
         self.s3_url = s3_url
+        self.http_url = http_url
 
     def path(self, name: str) -> Path:
         """A fresh path under the scratch directory."""
@@ -101,12 +104,32 @@ def setup_driver(name: str, ctx: Context) -> Setup:
             return create_storage(driver)
 
         return ours, [lambda: targets.raw_s3(endpoint, bucket)]
+    if name == "http":
+        server = ctx.http_url
+        if server is None:
+            raise LookupError("the http extra (httpx, uvicorn) is not installed")
+        return lambda: create_storage(drivers.HTTPDriver(f"{server}/{uuid.uuid4().hex[:8]}")), [
+            lambda: _const(targets.raw_http(f"{server}/{uuid.uuid4().hex[:8]}")),
+        ]
     raise ValueError(f"unknown driver {name!r}; known: {', '.join(ALL)}")
 
 
+@contextlib.contextmanager
+def http_server() -> Iterator[str | None]:
+    """``kvstorage serve memory://`` in a child process (None without the http extra)."""
+    try:
+        import httpx  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        yield None
+        return
+    with kvstorage_server("memory://") as url:
+        yield url
+
+
 def scaling_sizes(name: str, quick: bool) -> list[int]:
-    """Key counts of the listing scaling run for ``name`` (none for s3)."""
-    if name == "s3":
+    """Key counts of the listing scaling run for ``name`` (none for s3 and http)."""
+    if name in ("s3", "http"):
         return []
     if quick:
         return [10_000]
@@ -153,7 +176,11 @@ async def bench_driver(
                 await target.close()
     rows = best_rounds(rows)
     if name in NODE_PEERS and not skip_node:
-        where = {"fs": str(ctx.path("unstorage-fs")), "redis": ctx.redis_url or ""}.get(name, "")
+        where = {
+            "fs": str(ctx.path("unstorage-fs")),
+            "redis": ctx.redis_url or "",
+            "http": f"{ctx.http_url}/unstorage-bench",
+        }.get(name, "")
         node_rows, problem = await unstorage.run(name, count, where)
         if problem:
             console.print(f"[yellow]unstorage peer skipped: {problem}[/yellow]")
@@ -274,7 +301,8 @@ async def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         redis_url = stack.enter_context(redis_server()) if "redis" in names else None
         s3_url = stack.enter_context(moto_server()) if "s3" in names else None
-        ctx = Context(Path(tmp), redis_url, s3_url)
+        http_url = stack.enter_context(http_server()) if "http" in names else None
+        ctx = Context(Path(tmp), redis_url, s3_url, http_url)
         progress = Progress(
             TextColumn("{task.description:>8}"), BarColumn(), TimeElapsedColumn(), console=console
         )

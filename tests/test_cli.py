@@ -487,6 +487,19 @@ async def test_serve_and_use_over_http(served: str, tmp_path: Path) -> None:
     assert wrong.returncode == 3 and "wrong" not in error_line(wrong)
 
 
+async def test_served_requests_do_not_wait_for_delayed_acks(served: str) -> None:
+    """Small answers go out at once (TCP_NODELAY): 100 requests one after the other take
+    well under the 4 s that 40 ms delayed-ACK stalls would cost."""
+    store = create_storage(HTTPDriver(served, token=SECRET))
+    await store.set_item("k", 1)
+    started = time.perf_counter()
+    for _ in range(50):
+        await store.get_item("k")
+        await store.set_item("k", 2)
+    assert time.perf_counter() - started < 3.0
+    await store.dispose()
+
+
 async def test_serve_read_only_and_busy_port(tmp_path: Path) -> None:
     db = local_url("sqlite", tmp_path)
     await on(db, lambda s: s.set_item("k", 1))
