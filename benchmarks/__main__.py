@@ -179,7 +179,7 @@ async def bench_driver(
         where = {
             "fs": str(ctx.path("unstorage-fs")),
             "redis": ctx.redis_url or "",
-            "http": f"{ctx.http_url}/unstorage-bench",
+            "http": ctx.http_url or "",  # its base URL is the server's root
         }.get(name, "")
         node_rows, problem = await unstorage.run(name, count, where)
         if problem:

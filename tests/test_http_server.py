@@ -125,6 +125,19 @@ async def test_keys_in_paths_are_percent_decoded(
     assert (await client.get("/x:y/z")).json() == 2
 
 
+async def test_mounted_under_a_prefix(storage: Storage) -> None:
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    app = Starlette(routes=[Mount("/kv", app=create_app(storage, token=TOKEN))])
+    with asgi_server(app) as url:
+        async with httpx.AsyncClient(base_url=url + "/kv", headers=AUTH) as client:
+            assert (await client.put("/a/b", content=b"1")).status_code == 200
+            assert (await client.get("/")).json() == ["a/b"]
+            assert (await client.get("/a/b")).json() == 1
+    assert await storage.get_keys() == ["a:b"]
+
+
 async def test_delete_says_whether_the_key_existed(client: httpx.AsyncClient) -> None:
     await client.put("/k", content=b"1")
     first = await client.delete("/k")

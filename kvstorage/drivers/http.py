@@ -31,7 +31,15 @@ import email.utils
 import functools
 import hashlib
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -47,7 +55,7 @@ from ..errors import (
     ReadOnlyError,
 )
 from ..http import wire
-from ..keys import base_covers, normalize_base
+from ..keys import normalize_base
 from ..urls import redact_url
 from .base import Capabilities, Driver, Record, Stat, check_condition, is_expired
 
@@ -72,6 +80,7 @@ class _Item(msgspec.Struct):
 
 
 _BATCH_ANSWER = msgspec.json.Decoder(list[_Item | None])
+_KEY_LIST = msgspec.json.Decoder(list[str])
 
 
 @functools.lru_cache(maxsize=64)
@@ -88,6 +97,36 @@ def _is_json(data: bytes) -> bool:
     except (msgspec.DecodeError, RecursionError):
         return False
     return True
+
+
+def _valid(key: str) -> bool:
+    try:
+        return normalize_base(key) == key
+    except ValueError:
+        return False
+
+
+def _from_unstorage(key: str) -> str:
+    """A key as unstorage 1.x lists it (percent-encoded as its http driver sent it)."""
+    return "/".join(unquote(segment) for segment in key.replace(":", "/").split("/"))
+
+
+async def _line_batches(chunks: AsyncIterator[bytes]) -> AsyncGenerator[list[str], None]:
+    """The keys of a kvstorage listing (a JSON array, one key a line) as it streams: every
+    complete line received so far, decoded together in one call."""
+    pending = b""
+    async for chunk in chunks:
+        pending += chunk
+        complete, newline, pending = pending.rpartition(b"\n")
+        if newline:
+            yield _decode_lines(complete)
+    if pending.strip():
+        yield _decode_lines(pending)
+
+
+def _decode_lines(lines: bytes) -> list[str]:
+    body = lines.strip().removeprefix(b"[").removesuffix(b"]").strip().rstrip(b",")
+    return _KEY_LIST.decode(b"[" + body + b"]") if body else []
 
 
 def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
@@ -418,38 +457,30 @@ class HTTPDriver(Driver):
                 if response.status_code != 200:
                     await response.aread()
                     raise self._fail(response, f"listing {base!r}")
-                if self._kvstorage:  # one key a line: parsed as it streams
-                    async for line in response.aiter_lines():
-                        line = line.strip().rstrip(",")
-                        if line not in ("", "[", "]"):
-                            key = self._listed(_decode_json(line), base, decode=False)
-                            if key is not None:
-                                yield key
+                if self._kvstorage:  # one key a line: decoded a chunk of lines at a time
+                    async for keys in _line_batches(response.aiter_bytes()):
+                        for key in self._under(keys, base):
+                            yield key
                     return
-                for listed in _decode_json(await response.aread()):
-                    key = self._listed(listed, base, decode=True)
-                    if key is not None:
-                        yield key
+                listed = _decode_json(await response.aread())
+                if not isinstance(listed, list):
+                    raise DriverError(f"listing {base!r} at {self.url}: not a JSON array")
+                decoded = [_from_unstorage(key) for key in listed if isinstance(key, str)]
+                for key in self._under(decoded, base):
+                    yield key
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from exc
 
-    def _listed(self, listed: Any, base: str, *, decode: bool) -> str | None:
-        """A key of a listing, relative to this driver's root; None when it is not a key
-        under ``base`` (nor a valid key at all)."""
-        if not isinstance(listed, str):
-            return None
-        if decode:
-            listed = ":".join(unquote(segment) for segment in listed.split("/"))
-        try:
-            key = normalize_base(listed)
-        except ValueError:
-            return None
-        prefix = self._root_prefix
-        if prefix:
-            if not key.startswith(prefix):
-                return None
-            key = key[len(prefix) :]
-        return key if key and base_covers(base, key) else None
+    def _under(self, listed: list[str], base: str) -> Iterator[str]:
+        """The listed keys (``/``-separated, relative to the server) that lie under
+        ``base``, relative to this driver's root; anything else (such as a key that is not
+        valid, from a server that does not check them) is left out."""
+        within = self._root_prefix + (base + ":" if base else "")
+        strip = len(self._root_prefix)
+        for path in listed:
+            key = path.replace("/", ":")
+            if key.startswith(within) and len(key) > len(within) and _valid(key):
+                yield key[strip:]
 
     async def clear(self, base: str = "") -> None:
         if self._kvstorage is None:

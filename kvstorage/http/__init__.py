@@ -34,8 +34,10 @@ request                            answer
                                    ``"encoding": "base64"``)
 =================================  =============================================================
 
-Paths are percent-decoded as UTF-8 and normalized like any key; ``..``, ``%2e%2e``, control
-characters (``%00``) and keys over 1024 bytes are answered 400 before the storage is asked.
+Paths are relative to the app's ASGI ``root_path`` (so it can be mounted under a prefix,
+``Mount("/kv", app)``), percent-decoded as UTF-8 and normalized like any key; ``..``,
+``%2e%2e``, control characters (``%00``) and keys over 1024 bytes are answered 400 before
+the storage is asked.
 With ``token``, every request needs ``Authorization: Bearer <token>`` (else 401, compared
 in constant time). ``read_only=True`` answers writes 405. Bodies over ``max_body`` bytes are
 answered 413. Errors are JSON ``{"status", "statusText", "message"}``; a failed condition is

@@ -352,6 +352,9 @@ def _path_key(scope: Scope) -> tuple[str, bool]:
     except UnicodeDecodeError:
         raise _Fail(400, "the path is not valid UTF-8 once percent-decoded") from None
     path = path.partition("?")[0] if raw is None else path
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root):  # mounted under a prefix (Starlette's Mount, ...)
+        path = path[len(root) :]
     is_base = path == "" or path[-1] in "/:"
     try:
         return (normalize_base(path) if is_base else normalize_key(path)), is_base
