@@ -36,7 +36,6 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
-    Iterator,
     Mapping,
     Sequence,
 )
@@ -459,28 +458,28 @@ class HTTPDriver(Driver):
                     raise self._fail(response, f"listing {base!r}")
                 if self._kvstorage:  # one key a line: decoded a chunk of lines at a time
                     async for keys in _line_batches(response.aiter_bytes()):
-                        for key in self._under(keys, base):
+                        for key in self._under(keys, base, trusted=True):
                             yield key
                     return
                 listed = _decode_json(await response.aread())
                 if not isinstance(listed, list):
                     raise DriverError(f"listing {base!r} at {self.url}: not a JSON array")
                 decoded = [_from_unstorage(key) for key in listed if isinstance(key, str)]
-                for key in self._under(decoded, base):
+                for key in self._under(decoded, base, trusted=False):
                     yield key
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from exc
 
-    def _under(self, listed: list[str], base: str) -> Iterator[str]:
+    def _under(self, listed: list[str], base: str, *, trusted: bool) -> list[str]:
         """The listed keys (``/``-separated, relative to the server) that lie under
-        ``base``, relative to this driver's root; anything else (such as a key that is not
-        valid, from a server that does not check them) is left out."""
+        ``base``, relative to this driver's root. Keys from other servers are also
+        checked (a kvstorage server lists only keys it accepted)."""
         within = self._root_prefix + (base + ":" if base else "")
         strip = len(self._root_prefix)
-        for path in listed:
-            key = path.replace("/", ":")
-            if key.startswith(within) and len(key) > len(within) and _valid(key):
-                yield key[strip:]
+        keys = [key for path in listed if (key := path.replace("/", ":")).startswith(within)]
+        if not trusted:
+            keys = [key for key in keys if key != within and _valid(key)]
+        return [key[strip:] for key in keys] if strip else keys
 
     async def clear(self, base: str = "") -> None:
         if self._kvstorage is None:
