@@ -12,7 +12,6 @@ unreachable or failed. Errors are one line on stderr, without traceback unless `
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import math
 import os
@@ -258,46 +257,65 @@ class _Tally:
 async def _write_entries(
     dst: Storage, items: Sequence[tuple[str, Entry]], tally: _Tally, command: str
 ) -> None:
-    """Write ``(destination key, entry)`` pairs keeping each remaining TTL: one batch for
-    the items without expiry and one per shared expiry time, single writes (several at a
-    time) for the rest."""
-    groups: dict[datetime | None, list[tuple[str, bytes]]] = {}
+    """Write ``(destination key, entry)`` pairs keeping each expiry time (so each remaining
+    TTL): one batch for the items without expiry and one per shared expiry time, single
+    writes (several at a time) for the rest."""
+    groups: dict[float | None, list[tuple[str, bytes]]] = {}
     for key, entry in items:
-        groups.setdefault(entry.meta.expires_at, []).append((key, entry.value))
-    singles: list[tuple[str, bytes, float]] = []
-    for expires_at, pairs in groups.items():
-        ttl = None if expires_at is None else expires_at.timestamp() - time.time()
-        if ttl is not None and ttl <= 0:  # expired since it was read
-            tally.skipped += len(pairs)
-        elif len(pairs) == 1 and ttl is not None:
-            singles.append((*pairs[0], ttl))
+        expires_at = entry.meta.expires_at
+        at = None if expires_at is None else expires_at.timestamp()
+        groups.setdefault(at, []).append((key, entry.value))
+    singles: list[tuple[str, bytes, float | None]] = []
+    for at, pairs in groups.items():
+        if len(pairs) == 1 and at is not None:
+            singles.append((*pairs[0], at))
         else:
-            await _write_batch(dst, pairs, ttl, tally, command)
+            await _write_batch(dst, pairs, at, tally, command)
     if singles:
         await _write_singles(dst, singles, tally, command)
 
 
+def _ttl(expires_at: float | None) -> float | None:
+    """The TTL that makes an item written now expire at ``expires_at`` (0 if past)."""
+    return None if expires_at is None else expires_at - time.time()
+
+
 async def _write_batch(
-    dst: Storage, pairs: list[tuple[str, bytes]], ttl: float | None, tally: _Tally, command: str
+    dst: Storage,
+    pairs: list[tuple[str, bytes]],
+    expires_at: float | None,
+    tally: _Tally,
+    command: str,
 ) -> None:
+    ttl = _ttl(expires_at)
+    if ttl is not None and ttl <= 0:  # expired since it was read
+        tally.skipped += len(pairs)
+        return
     try:
         await dst.set_items_raw(pairs, ttl=ttl)
     except (InvalidKeyError, DriverError) as exc:
         if _unreachable(exc):
             raise
         # one bad item fails its batch: find it, keep the others
-        await _write_singles(dst, [(k, v, ttl) for k, v in pairs], tally, command)
+        await _write_singles(dst, [(k, v, expires_at) for k, v in pairs], tally, command)
         return
     tally.copied += len(pairs)
 
 
 async def _write_singles(
-    dst: Storage, items: Sequence[tuple[str, bytes, float | None]], tally: _Tally, command: str
+    dst: Storage,
+    items: Sequence[tuple[str, bytes, float | None]],
+    tally: _Tally,
+    command: str,
 ) -> None:
-    limiter = anyio.CapacityLimiter(_WRITERS)
+    queue = iter(items)
 
-    async def write(key: str, data: bytes, ttl: float | None) -> None:
-        async with limiter:
+    async def writer() -> None:  # a few workers, not a task per item: spawning costs more
+        for key, data, expires_at in queue:
+            ttl = _ttl(expires_at)  # now, right before the write
+            if ttl is not None and ttl <= 0:
+                tally.skipped += 1
+                continue
             try:
                 await dst.set_item_raw(key, data, ttl=ttl)
             except (InvalidKeyError, DriverError) as exc:
@@ -305,10 +323,10 @@ async def _write_singles(
                     raise
                 tally.failed += 1
                 _warn(f"{command}: {key!r} failed: {exc}")
-                return
+                continue
             tally.copied += 1
 
-    await _in_parallel([functools.partial(write, k, v, t) for k, v, t in items])
+    await _in_parallel([writer] * min(_WRITERS, len(items)))
 
 
 def _unreachable(exc: Exception) -> bool:
@@ -337,8 +355,11 @@ async def _copy(args: argparse.Namespace) -> int:
     rename = _renamer(base, to)
     tally = _Tally()
     progress = _Progress("dry run" if args.dry_run else "copying")
-    try:
-        with progress:
+    # one task reads (and checks) the next batch while this one writes the last
+    send, receive = anyio.create_memory_object_stream[list[tuple[str, Entry]]](1)
+
+    async def read() -> None:
+        async with send:
             async for keys in _batches(src, base):
                 entries = await src.get_entries_raw(keys)
                 items = [(rename(k), e) for k, e in entries.items() if e is not None]
@@ -348,11 +369,18 @@ async def _copy(args: argparse.Namespace) -> int:
                     kept = [(k, e) for k, e in items if present[k] is None]
                     tally.skipped += len(items) - len(kept)
                     items = kept
-                if args.dry_run:
-                    tally.copied += len(items)
-                else:
-                    await _write_entries(dst, items, tally, "copy")
-                progress.update(tally.copied, tally.skipped)
+                await send.send(items)
+
+    try:
+        with progress:
+            async with anyio.create_task_group() as group, receive:
+                group.start_soon(read)
+                async for items in receive:
+                    if args.dry_run:
+                        tally.copied += len(items)
+                    else:
+                        await _write_entries(dst, items, tally, "copy")
+                    progress.update(tally.copied, tally.skipped)
     finally:
         verb = "would copy" if args.dry_run else "copied"
         summary = f"{verb} {tally.copied}, skipped {tally.skipped}, failed {tally.failed}\n"
@@ -584,6 +612,8 @@ def _warn(message: str) -> None:
 
 def _status_of(exc: BaseException) -> tuple[int, str]:
     """Exit status and one-line message for an error of a command."""
+    while isinstance(exc, BaseExceptionGroup):  # from a task group: its first error
+        exc = exc.exceptions[0]
     if isinstance(exc, _Exit):
         return exc.status, exc.message
     if isinstance(exc, ConditionFailedError):

@@ -257,11 +257,12 @@ async def assert_same_items(src: Storage, dst: Storage, rename: Callable[[str], 
             mine, copied = ours[key], theirs[rename(key)]
             assert mine is not None and copied is not None, key
             assert copied.value == mine.value, key
-            if mine.meta.ttl is None:
-                assert copied.meta.ttl is None, key
-            else:
-                assert copied.meta.ttl is not None, key
-                assert abs(copied.meta.ttl - mine.meta.ttl) < 1.0, key
+            mine_at, copied_at = mine.meta.expires_at, copied.meta.expires_at
+            if mine_at is None:
+                assert copied_at is None, key
+            else:  # the same expiry time: the same remaining TTL
+                assert copied_at is not None, key
+                assert abs((copied_at - mine_at).total_seconds()) < 1.0, key
             compared += 1
     return compared
 
