@@ -191,6 +191,16 @@ async def bench_driver(
     return rows
 
 
+async def bench_copy(quick: bool, redis_url: str | None, tmp: Path) -> list[Row]:
+    """``kvstorage copy`` SQLite -> Redis at scale (needs redis-server)."""
+    if redis_url is None:
+        return []
+    from . import copy as copy_bench
+
+    sizes = [20_000] if quick else [100_000, 1_000_000]
+    return await copy_bench.run(sizes, redis_url, tmp)
+
+
 async def bench_sessions(quick: bool, redis_url: str | None) -> list[Row]:
     """The session middleware benchmark (skipped without Starlette or starsessions)."""
     try:
@@ -288,6 +298,9 @@ async def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-node", action="store_true", help="skip unstorage under Node.js")
     parser.add_argument("--no-sessions", action="store_true", help="skip the sessions benchmark")
     parser.add_argument(
+        "--no-copy", action="store_true", help="skip `kvstorage copy` sqlite -> redis"
+    )
+    parser.add_argument(
         "--rounds", type=int, default=None, help="rounds per driver, best kept (default 3)"
     )
     parser.add_argument("--json", metavar="PATH", help="write the raw figures as JSON")
@@ -320,6 +333,8 @@ async def main(argv: list[str] | None = None) -> int:
                 )
         if not args.no_sessions:
             rows += await bench_sessions(args.quick, redis_url)
+        if not args.no_copy and "sqlite" in names:
+            rows += await bench_copy(args.quick, redis_url, Path(tmp))
     render(rows)
     if args.json:
         payload = {
