@@ -515,24 +515,23 @@ def _graceful_server_class() -> type[Any]:
 # -- the parser and main ---------------------------------------------------------------
 
 
-def _positive(text: str) -> float:
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
-    return seconds
+def _checked(convert: Callable[[str], Any], valid: Callable[[Any], bool], rule: str) -> Any:
+    """An argparse ``type``: ``convert`` the text, then insist on ``valid`` (``rule``)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not valid(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}: {text!r}")
+        return value
+
+    return parse
 
 
-def _depth(text: str) -> int:
-    try:
-        depth = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if depth < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
-    return depth
+_positive = _checked(float, lambda seconds: math.isfinite(seconds) and seconds > 0, "> 0")
+_depth = _checked(int, lambda depth: depth >= 0, "an integer >= 0")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -90,14 +90,6 @@ def _timestamp(http_date: str) -> float | None:
         return None
 
 
-def _is_json(data: bytes) -> bool:
-    try:
-        _decode_json(data)
-    except (msgspec.DecodeError, RecursionError):
-        return False
-    return True
-
-
 def _valid(key: str) -> bool:
     try:
         return normalize_base(key) == key
@@ -342,7 +334,7 @@ class HTTPDriver(Driver):
         await self._put(key, value, headers)
 
     async def _put(self, key: str, value: bytes, headers: dict[str, str]) -> None:
-        json_text = not self._kvstorage and _is_json(value)
+        json_text = not self._kvstorage and wire.is_json(value)
         headers["content-type"] = "application/json" if json_text else _OCTETS
         response = await self._send("PUT", self._url(key), headers=headers, content=value)
         if response.status_code == 412:

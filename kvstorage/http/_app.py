@@ -43,7 +43,6 @@ _JSON = "application/json"
 _READS = ("GET", "HEAD", "POST")
 _STREAM_CHUNK = 64 * 1024
 _BATCH_LIMIT = 10_000
-_decode_json = msgspec.json.decode
 _encode_json = msgspec.json.encode
 _REASONS = {
     304: "Not Modified",
@@ -82,14 +81,6 @@ class _Fail(Exception):
         self.headers = list(headers)
 
 
-def _is_json(data: bytes) -> bool:
-    try:
-        _decode_json(data)
-    except (msgspec.DecodeError, RecursionError):
-        return False
-    return True
-
-
 def _meta_headers(meta: Meta) -> list[tuple[bytes, bytes]]:
     headers = [(b"etag", wire.quote_etag(meta.etag).encode())]
     if meta.mtime is not None:
@@ -102,7 +93,7 @@ def _meta_headers(meta: Meta) -> list[tuple[bytes, bytes]]:
 
 def _text_type(data: bytes) -> str:
     """The content type a value is served with when JSON was asked for."""
-    if _is_json(data):
+    if wire.is_json(data):
         return _JSON
     try:
         data.decode("utf-8")
@@ -238,7 +229,7 @@ class StorageApp:
         if_absent, if_match = await self._conditions(key, headers)
         content_type = headers.get("content-type", b"").partition(b";")[0].strip().lower()
         storage = self.storage
-        if content_type == _OCTETS.encode() or _is_json(body):
+        if content_type == _OCTETS.encode() or wire.is_json(body):
             await storage.set_item_raw(key, body, ttl=ttl, if_absent=if_absent, if_match=if_match)
         else:
             try:  # text that is not JSON: a string, as unstorage's setItem sends strings
@@ -319,7 +310,7 @@ def _batch_item(key: str, entry: Entry | None, encoding: str) -> dict[str, Any] 
         "mtime": None if meta.mtime is None else meta.mtime.timestamp(),
     }
     data: bytes = entry.value
-    if encoding == "json" and _is_json(data):
+    if encoding == "json" and wire.is_json(data):
         item["value"] = msgspec.Raw(data)
     else:
         item["base64"] = base64.b64encode(data).decode("ascii")

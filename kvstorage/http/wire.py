@@ -1,6 +1,6 @@
 """The wire format shared by the server (:func:`kvstorage.http.create_app`) and
 :class:`~kvstorage.drivers.HTTPDriver`: how keys become paths, how etags and TTLs travel in
-headers. Standard library only.
+headers, which values count as JSON.
 
 * A key ``a:b`` is the path ``/a/b``, each segment percent-encoded as JavaScript's
   ``encodeURIComponent`` does (so unstorage's http driver and this one send the same path
@@ -20,12 +20,15 @@ import math
 import re
 from urllib.parse import quote
 
+import msgspec
+
 __all__ = [
     "PROTOCOL_HEADER",
     "PROTOCOL_VERSION",
     "REMOVED_HEADER",
     "TTL_HEADER",
     "format_ttl",
+    "is_json",
     "key_path",
     "parse_ttl",
     "quote_etag",
@@ -40,6 +43,7 @@ TTL_HEADER = "x-ttl"
 #: Response header of a DELETE of one key: ``1`` when the key held a value, else ``0``.
 REMOVED_HEADER = "x-removed"
 
+_decode_json = msgspec.json.decode
 _ETAG_PLAIN = re.compile(r"[\x21\x23-\x7e]*")  # etagc of RFC 9110, ASCII part
 
 
@@ -47,6 +51,16 @@ def key_path(key: str) -> str:
     """The URL path of a normalized key or base, without the leading ``/``
     (``"a:b c"`` -> ``"a/b%20c"``; ``""`` -> ``""``)."""
     return "/".join(quote(segment, safe="!~*'()") for segment in key.split(":")) if key else ""
+
+
+def is_json(data: bytes) -> bool:
+    """True when ``data`` is one JSON document (the server serves such values as
+    ``application/json``; the driver sends them to unstorage as text)."""
+    try:
+        _decode_json(data)
+    except (msgspec.DecodeError, RecursionError):
+        return False
+    return True
 
 
 def quote_etag(etag: str) -> str:

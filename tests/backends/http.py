@@ -16,7 +16,7 @@ from kvstorage.drivers import HTTPDriver
 from kvstorage.http import create_app
 
 from ..support.servers import asgi_server
-from . import DriverFactory
+from . import DriverFactory, clearing_factory
 
 TOKEN = "conformance-token"
 
@@ -44,14 +44,5 @@ def http_servers() -> Iterator[ServerPool]:
 
 @pytest.fixture
 async def http_driver_factory(http_servers: ServerPool) -> AsyncIterator[DriverFactory]:
-    made: list[HTTPDriver] = []
-
-    def make() -> HTTPDriver:
-        driver = HTTPDriver(http_servers.url(len(made)), token=TOKEN)
-        made.append(driver)
-        return driver
-
-    yield make
-    for driver in made:
-        await driver.clear()
-        await driver.dispose()
+    async for factory in clearing_factory(lambda n: HTTPDriver(http_servers.url(n), token=TOKEN)):
+        yield factory
