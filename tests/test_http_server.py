@@ -167,6 +167,8 @@ async def test_head_etag_last_modified_and_ttl(client: httpx.AsyncClient, storag
 
     fresh = await client.get("/m", headers={"if-none-match": got.headers["etag"]})
     assert fresh.status_code == 304 and fresh.content == b""
+    listed = await client.get("/m", headers={"if-none-match": f'"x", {got.headers["etag"]}'})
+    assert listed.status_code == 304
     await client.put("/m", content=b"2")
     assert "x-ttl" not in (await client.head("/m")).headers  # a write without TTL clears it
     changed = await client.get("/m", headers={"if-none-match": got.headers["etag"]})

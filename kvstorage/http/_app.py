@@ -205,8 +205,10 @@ class StorageApp:
         data: bytes = entry.value
         meta_headers = _meta_headers(entry.meta)
         match = headers.get("if-none-match")
-        if match is not None and wire.quote_etag(entry.etag).encode() in match.split(b","):
-            return _Response(304, headers=meta_headers)
+        if match is not None:
+            tags = {tag.strip() for tag in match.split(b",")}
+            if b"*" in tags or wire.quote_etag(entry.etag).encode() in tags:
+                return _Response(304, headers=meta_headers)
         raw = _OCTETS.encode() in headers.get("accept", b"")
         content_type = _OCTETS if raw else _text_type(data)
         return _Response(200, data, meta_headers, content_type=content_type)
