@@ -358,6 +358,7 @@ async def test_copy_shows_a_progress_bar_on_a_terminal_only(tmp_path: Path) -> N
     assert piped.returncode == 0 and piped.stderr == b""
 
 
+@pytest.mark.slow
 async def test_copy_killed_midway_resumes_with_skip_existing(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
