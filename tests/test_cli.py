@@ -475,7 +475,13 @@ def served() -> Iterator[str]:
         yield url
 
 
-async def test_serve_and_use_over_http(served: str, tmp_path: Path) -> None:
+async def test_serve_and_use_over_http(url: str) -> None:
+    with kvstorage_server(url, token=SECRET) as served:
+        await use_over_http(served)
+    assert await on(url, lambda s: s.get_item("a:b")) == {"x": 1}  # written through
+
+
+async def use_over_http(served: str) -> None:
     env = {"KVSTORAGE_TOKEN": SECRET}
     assert (await cli("set", served, "a:b", '{"x": 1}', "--ttl", "60", env=env)).returncode == 0
     got = await cli("get", f"{served}/a", "b", env=env)
