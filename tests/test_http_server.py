@@ -223,6 +223,33 @@ async def test_one_concurrent_if_none_match_wins(
     assert sorted(statuses) == [200] + [412] * 19
 
 
+async def test_x_expires_at_is_exact_and_wins(client: httpx.AsyncClient, storage: Storage) -> None:
+    at = time.time() + 90.123456
+    both = {"x-expires-at": f"{at:.6f}", "x-ttl": "5"}
+    assert (await client.put("/exact", content=b"1", headers=both)).status_code == 200
+    meta = await storage.get_meta("exact")
+    assert meta is not None and meta.expires_at is not None
+    assert abs(meta.expires_at.timestamp() - at) < 0.001
+    head = await client.head("/exact")
+    assert abs(float(head.headers["x-expires-at"]) - at) < 0.001
+    assert 85 < float(head.headers["x-ttl"]) <= 90.2
+    batch = (await client.post("/", json={"keys": ["exact"]})).json()
+    assert abs(batch[0]["expires_at"] - at) < 0.001
+    assert "x-expires-at" not in (await client.head("/greeting-less")).headers
+
+    past = {"x-expires-at": f"{time.time() - 10:.6f}"}
+    assert (await client.put("/past", content=b"1", headers=past)).status_code == 200
+
+    async def gone() -> bool:
+        return not await storage.has_item("past")
+
+    await eventually(gone, within=2)
+    for bad in ["soon", "nan", "-1", "0"]:
+        answer = await client.put("/bad", content=b"1", headers={"x-expires-at": bad})
+        assert answer.status_code == 400, bad
+    assert not await storage.has_item("bad")
+
+
 async def test_x_ttl_expires_items(client: httpx.AsyncClient, storage: Storage) -> None:
     await client.put("/short", content=b"1", headers={"x-ttl": "0.3"})
     meta = await storage.get_meta("short")

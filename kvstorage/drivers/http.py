@@ -75,6 +75,7 @@ class _Item(msgspec.Struct):
     etag: str
     base64: bytes  # msgspec decodes base64 strings into bytes
     ttl: float | None = None
+    expires_at: float | None = None
     mtime: float | None = None
 
 
@@ -87,6 +88,18 @@ def _timestamp(http_date: str) -> float | None:
     try:
         return email.utils.parsedate_to_datetime(http_date).timestamp()
     except (TypeError, ValueError):
+        return None
+
+
+def _expiry(headers: httpx.Headers) -> float | None:
+    """The expiry time an answer gives: ``X-Expires-At``, else now + ``X-TTL`` (unstorage)."""
+    try:
+        at = headers.get(wire.EXPIRES_HEADER)
+        if at is not None:
+            return wire.parse_expiry(at)
+        ttl = headers.get(wire.TTL_HEADER)
+        return None if not ttl else time.time() + float(ttl)
+    except ValueError:
         return None
 
 
@@ -277,14 +290,7 @@ class HTTPDriver(Driver):
         if etag is None:  # unstorage: a content hash stands in for the etag
             etag = '"#' + hashlib.blake2b(value, digest_size=12).hexdigest() + '"'
         modified = headers.get("last-modified")
-        ttl = headers.get(wire.TTL_HEADER)
-        expires_at = None
-        if ttl:
-            try:
-                expires_at = time.time() + float(ttl)
-            except ValueError:
-                expires_at = None
-        return Record(value, etag, _timestamp(modified) if modified else None, expires_at)
+        return Record(value, etag, _timestamp(modified) if modified else None, _expiry(headers))
 
     # -- single items ---------------------------------------------------------------------
 
@@ -321,6 +327,7 @@ class HTTPDriver(Driver):
         headers = {}
         if expires_at is not None:
             headers[wire.TTL_HEADER] = wire.format_ttl(max(expires_at - time.time(), 0.001))
+            headers[wire.EXPIRES_HEADER] = wire.format_expiry(expires_at)  # kvstorage: exact
         if if_absent or if_match is not None:
             if self._kvstorage is None:
                 await self._send("HEAD", self._url(key))  # learn what the server is
@@ -399,7 +406,9 @@ class HTTPDriver(Driver):
                 if item is None:
                     records.append(None)
                     continue
-                expires_at = None if item.ttl is None else now + item.ttl
+                expires_at = item.expires_at
+                if expires_at is None and item.ttl is not None:
+                    expires_at = now + item.ttl
                 records.append(Record(item.base64, item.etag, item.mtime, expires_at))
         return records
 

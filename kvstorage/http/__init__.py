@@ -13,13 +13,15 @@ request                            answer
                                    bytes are JSON, else ``text/plain`` (UTF-8) or
                                    ``application/octet-stream``; ``Accept:
                                    application/octet-stream`` always gets the exact bytes.
-                                   ``ETag``, ``Last-Modified``, ``X-TTL`` (seconds left);
+                                   ``ETag``, ``Last-Modified``, ``X-TTL`` (seconds left) and
+                                   ``X-Expires-At`` (the same as a Unix time);
                                    ``If-None-Match: <etag>`` -> 304. 404 when missing.
 ``HEAD /a/b``                      200 or 404, the same headers, ``Content-Length`` = size
 ``PUT /a/b``                       write the body: ``application/octet-stream`` and JSON bodies
                                    are stored as they are, other text as a JSON string (what
                                    unstorage's ``setItem`` sends for a string). ``X-TTL:
-                                   <seconds>``; ``If-None-Match: *`` (only if absent) or
+                                   <seconds>`` or ``X-Expires-At: <Unix time>`` (which
+                                   wins); ``If-None-Match: *`` (only if absent) or
                                    ``If-Match: <etag>`` / ``*`` -> 412 when false, nothing
                                    written
 ``DELETE /a/b``                    remove; ``X-Removed: 1`` when it held a value, else ``0``
@@ -29,9 +31,9 @@ request                            answer
 ``POST /a/``                       batch read: body ``{"keys": ["x", "y:z"], "encoding":
                                    "json"}`` (keys relative to the base) -> a JSON array in
                                    the same order, ``null`` or ``{"key", "etag", "ttl",
-                                   "mtime", "value"}`` (``"base64"`` instead of ``"value"``
-                                   for bytes that are not JSON, or for every item with
-                                   ``"encoding": "base64"``)
+                                   "expires_at", "mtime", "value"}`` (``"base64"``
+                                   instead of ``"value"`` for bytes that are not JSON,
+                                   or for every item with ``"encoding": "base64"``)
 =================================  =============================================================
 
 Paths are relative to the app's ASGI ``root_path`` (so it can be mounted under a prefix,

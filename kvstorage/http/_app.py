@@ -7,6 +7,7 @@ import base64
 import email.utils
 import hmac
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ _JSON = "application/json"
 _READS = ("GET", "HEAD", "POST")
 _STREAM_CHUNK = 64 * 1024
 _BATCH_LIMIT = 10_000
+_JUST_EXPIRING = 0.001  # the TTL of an item sent with an expiry time already past
 _encode_json = msgspec.json.encode
 _REASONS = {
     304: "Not Modified",
@@ -88,6 +90,9 @@ def _meta_headers(meta: Meta) -> list[tuple[bytes, bytes]]:
         headers.append((b"last-modified", modified.encode()))
     if meta.ttl is not None:
         headers.append((wire.TTL_HEADER.encode(), wire.format_ttl(meta.ttl).encode()))
+    if meta.expires_at is not None:
+        at = wire.format_expiry(meta.expires_at.timestamp())
+        headers.append((wire.EXPIRES_HEADER.encode(), at.encode()))
     return headers
 
 
@@ -222,13 +227,9 @@ class StorageApp:
         return _Response(200, headers=headers, content_type=_OCTETS)
 
     async def _put(self, key: str, body: bytes, headers: dict[str, bytes]) -> _Response:
-        ttl = None
-        if wire.TTL_HEADER in headers:
-            try:
-                ttl = wire.parse_ttl(headers[wire.TTL_HEADER].decode("latin-1"))
-            except ValueError as exc:
-                raise _Fail(400, str(exc)) from None
+        _requested_ttl(headers)  # a malformed TTL is a 400 before anything is read
         if_absent, if_match = await self._conditions(key, headers)
+        ttl = _requested_ttl(headers)
         content_type = headers.get("content-type", b"").partition(b";")[0].strip().lower()
         storage = self.storage
         if content_type == _OCTETS.encode() or wire.is_json(body):
@@ -309,6 +310,7 @@ def _batch_item(key: str, entry: Entry | None, encoding: str) -> dict[str, Any] 
         "key": key,
         "etag": wire.quote_etag(entry.etag),
         "ttl": meta.ttl,
+        "expires_at": None if meta.expires_at is None else meta.expires_at.timestamp(),
         "mtime": None if meta.mtime is None else meta.mtime.timestamp(),
     }
     data: bytes = entry.value
@@ -334,6 +336,20 @@ async def _json_lines(first: str, rest: AsyncIterator[str]) -> AsyncGenerator[by
         close = getattr(rest, "aclose", None)
         if close is not None:
             await close()
+
+
+def _requested_ttl(headers: dict[str, bytes]) -> float | None:
+    """The TTL a PUT asks for, now: the time left until ``X-Expires-At`` when given (it
+    wins), else ``X-TTL``; None without either; 400 when malformed."""
+    try:
+        if wire.EXPIRES_HEADER in headers:
+            expires_at = wire.parse_expiry(headers[wire.EXPIRES_HEADER].decode("latin-1"))
+            return max(expires_at - time.time(), _JUST_EXPIRING)
+        if wire.TTL_HEADER in headers:
+            return wire.parse_ttl(headers[wire.TTL_HEADER].decode("latin-1"))
+    except ValueError as exc:
+        raise _Fail(400, str(exc)) from None
+    return None
 
 
 def _path_key(scope: Scope) -> tuple[str, bool]:

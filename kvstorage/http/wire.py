@@ -8,7 +8,10 @@ headers, which values count as JSON.
 * An etag travels as an HTTP entity tag: ``"<etag>"`` when every character of it may stand
   between the quotes, else ``"~<base64url of its UTF-8>"``.
 * A TTL travels in ``X-TTL`` as seconds with a decimal point (``"59.875"``), which
-  unstorage reads with ``parseInt``.
+  unstorage reads with ``parseInt``, and beside it, from and to kvstorage, as the absolute
+  expiry time in ``X-Expires-At`` (Unix seconds, ``"1767225600.125"``), which wins: a
+  relative TTL would move the expiry by the time the message spends on the wire. (Like
+  Redis' ``PXAT``, this assumes clocks that agree, as NTP keeps them.)
 * Every response of a kvstorage server carries ``X-KVStorage: 1``; unstorage's server does
   not, which is how the driver knows what the server can do.
 """
@@ -26,10 +29,13 @@ __all__ = [
     "PROTOCOL_HEADER",
     "PROTOCOL_VERSION",
     "REMOVED_HEADER",
+    "EXPIRES_HEADER",
     "TTL_HEADER",
+    "format_expiry",
     "format_ttl",
     "is_json",
     "key_path",
+    "parse_expiry",
     "parse_ttl",
     "quote_etag",
     "unquote_etag",
@@ -40,6 +46,8 @@ PROTOCOL_HEADER = "x-kvstorage"
 PROTOCOL_VERSION = "1"
 #: Request header of a PUT (time to live) and response header of GET/HEAD (time left).
 TTL_HEADER = "x-ttl"
+#: The same as an absolute Unix time; preferred over ``X-TTL`` where both are present.
+EXPIRES_HEADER = "x-expires-at"
 #: Response header of a DELETE of one key: ``1`` when the key held a value, else ``0``.
 REMOVED_HEADER = "x-removed"
 
@@ -98,3 +106,16 @@ def parse_ttl(value: str) -> float:
     if not math.isfinite(seconds) or seconds <= 0:
         raise ValueError(f"X-TTL must be a number of seconds > 0, got {value[:40]!r}")
     return seconds
+
+
+def format_expiry(expires_at: float) -> str:
+    """Unix seconds for ``X-Expires-At``, to the microsecond."""
+    return f"{expires_at:.6f}"
+
+
+def parse_expiry(value: str) -> float:
+    """The Unix time in an ``X-Expires-At`` header; ``ValueError`` unless finite and > 0."""
+    expires_at = float(value.strip())
+    if not math.isfinite(expires_at) or expires_at <= 0:
+        raise ValueError(f"X-Expires-At must be a Unix time, got {value[:40]!r}")
+    return expires_at
