@@ -1,6 +1,7 @@
 """What a user installs, used the way a user would: run inside a fresh venv that has only
 ``pip install '.[all]'`` (no test or benchmark extras), it imports the package and writes,
-reads, lists and removes through every driver.
+reads, lists and removes through every driver -- the http driver against the installed
+``kvstorage`` console script's ``serve``.
 
 Usage: python clean_install.py REDIS_URL S3_ENDPOINT_URL POSTGRES_URL (servers started by
 .ci/run).
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import subprocess
 import sys
 import tempfile
 
@@ -17,6 +20,7 @@ import kvstorage
 from kvstorage import create_storage
 from kvstorage.drivers import (
     FSDriver,
+    HTTPDriver,
     MemoryDriver,
     PostgresDriver,
     RedisDriver,
@@ -58,5 +62,24 @@ async def main(redis_url: str, s3_endpoint: str, postgres_url: str) -> None:
     await exercise("postgres", PostgresDriver(postgres_url, table="clean_install"))
 
 
+def served_over_http() -> None:
+    """``kvstorage serve memory://`` through the installed console script, used with
+    HTTPDriver; SIGTERM must end it with status 0."""
+    script = os.path.join(os.path.dirname(sys.executable), "kvstorage")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "KVSTORAGE_TOKEN": "clean-install"}
+    command = [script, "serve", "memory://", "--port", str(port)]
+    with subprocess.Popen(command, stderr=subprocess.PIPE, env=env) as server:
+        assert server.stderr is not None
+        assert b"serving memory://" in server.stderr.readline()
+        driver = HTTPDriver(f"http://127.0.0.1:{port}/check", token="clean-install")
+        asyncio.run(exercise("http", driver))
+        server.terminate()
+        assert server.wait(10) == 0
+
+
 if __name__ == "__main__":
     asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3]))
+    served_over_http()

@@ -2,7 +2,7 @@
 and the peers, measured in the same run.
 
     python -m benchmarks                       # memory, fs, sqlite (no server needed)
-    python -m benchmarks --drivers all --quick # + redis, s3 and postgres on servers it starts
+    python -m benchmarks --drivers all --quick # + redis, s3, postgres, http on servers it starts
     python -m benchmarks --json out.json --plot out.png
     python -m benchmarks --wrappers --drivers none  # only the driver wrappers' overhead
     python -m benchmarks --cache --drivers none     # only the cache workload (on Redis)
@@ -19,7 +19,7 @@ import platform
 import sys
 import tempfile
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -28,7 +28,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from kvstorage import Storage, create_storage
-from tests.support.servers import moto_server, postgres_server, redis_server
+from tests.support.servers import kvstorage_server, moto_server, postgres_server, redis_server
 
 from . import cache, targets, unstorage, wrappers
 from .report import pivot, ratio
@@ -36,8 +36,8 @@ from .targets import Target
 from .workload import OPERATIONS, Row, best_rounds, run_scaling, run_workload
 
 LOCAL = ["memory", "fs", "sqlite"]
-ALL = [*LOCAL, "redis", "s3", "postgres"]
-NODE_PEERS = {"memory", "fs", "redis"}
+ALL = [*LOCAL, "redis", "s3", "postgres", "http"]
+NODE_PEERS = {"memory", "fs", "redis", "http"}
 console = Console(stderr=True)
 
 
@@ -50,11 +50,13 @@ class Context:
         redis_url: str | None,
         s3_url: str | None,
         postgres_url: str | None = None,
+        http_url: str | None = None,
     ) -> None:
         self.tmp = tmp
         self.redis_url = redis_url
         self.s3_url = s3_url
         self.postgres_url = postgres_url
+        self.http_url = http_url
 
     def path(self, name: str) -> Path:
         """A fresh path under the scratch directory."""
@@ -118,7 +120,37 @@ def setup_driver(name: str, ctx: Context) -> Setup:
         return lambda: create_storage(drivers.PostgresDriver(dsn, table=table)), [
             lambda: targets.raw_postgres(dsn),
         ]
+    if name == "http":
+        server = ctx.http_url
+        if server is None:
+            raise LookupError("the http extra (httpx, uvicorn) is not installed")
+        return lambda: create_storage(drivers.HTTPDriver(f"{server}/{uuid.uuid4().hex[:8]}")), [
+            lambda: _const(targets.raw_http(f"{server}/{uuid.uuid4().hex[:8]}")),
+        ]
     raise ValueError(f"unknown driver {name!r}; known: {', '.join(ALL)}")
+
+
+@contextlib.contextmanager
+def http_server() -> Iterator[str | None]:
+    """``kvstorage serve memory://`` in a child process (None without the http extra)."""
+    try:
+        import httpx  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        yield None
+        return
+    with kvstorage_server("memory://") as url:
+        yield url
+
+
+async def bench_copy(quick: bool, redis_url: str | None, tmp: Path) -> list[Row]:
+    """``kvstorage copy`` SQLite -> Redis at scale (needs redis-server)."""
+    if redis_url is None:
+        return []
+    from . import copy as copy_bench
+
+    sizes = [20_000] if quick else [100_000, 1_000_000]
+    return await copy_bench.run(sizes, redis_url, tmp)
 
 
 async def bench_wrappers(redis_url: str | None, n: int) -> list[Row]:
@@ -136,8 +168,8 @@ async def bench_wrappers(redis_url: str | None, n: int) -> list[Row]:
 
 
 def scaling_sizes(name: str, quick: bool) -> list[int]:
-    """Key counts of the listing scaling run for ``name`` (none for s3)."""
-    if name == "s3":
+    """Key counts of the listing scaling run for ``name`` (none for s3 and http)."""
+    if name in ("s3", "http"):
         return []
     if quick:
         return [10_000]
@@ -184,7 +216,11 @@ async def bench_driver(
                 rows += await run_workload(name, target, count, lambda: progress.advance(task))
         rows = best_rounds(rows)
         if name in NODE_PEERS and not skip_node:
-            where = {"fs": str(ctx.path("unstorage-fs")), "redis": ctx.redis_url or ""}
+            where = {
+                "fs": str(ctx.path("unstorage-fs")),
+                "redis": ctx.redis_url or "",
+                "http": ctx.http_url or "",  # its base URL is the server's root
+            }
             node_rows, problem = await unstorage.run(name, count, where.get(name, ""))
             if problem:
                 console.print(f"[yellow]unstorage peer skipped: {problem}[/yellow]")
@@ -313,6 +349,9 @@ async def main(argv: list[str] | None = None) -> int:
         "alone, hot-key reads, staleness across processes, cached vs aiocache",
     )
     parser.add_argument(
+        "--no-copy", action="store_true", help="skip `kvstorage copy` sqlite -> redis"
+    )
+    parser.add_argument(
         "--rounds", type=int, default=None, help="rounds per driver, best kept (default 3)"
     )
     parser.add_argument("--json", metavar="PATH", help="write the raw figures as JSON")
@@ -331,7 +370,8 @@ async def main(argv: list[str] | None = None) -> int:
         redis_url = stack.enter_context(redis_server()) if needs_redis else None
         s3_url = stack.enter_context(moto_server()) if "s3" in names else None
         pg_url = stack.enter_context(postgres_server()) if "postgres" in names else None
-        ctx = Context(Path(tmp), redis_url, s3_url, pg_url)
+        http_url = stack.enter_context(http_server()) if "http" in names else None
+        ctx = Context(Path(tmp), redis_url, s3_url, pg_url, http_url)
         progress = Progress(
             TextColumn("{task.description:>8}"), BarColumn(), TimeElapsedColumn(), console=console
         )
@@ -356,6 +396,8 @@ async def main(argv: list[str] | None = None) -> int:
                 cache_report = await cache.run(redis_url, quick=args.quick, console=console)
         if not args.no_sessions:
             rows += await bench_sessions(args.quick, redis_url, pg_url)
+        if not args.no_copy and "sqlite" in names:
+            rows += await bench_copy(args.quick, redis_url, Path(tmp))
     render(rows)
     wrappers.render(wrapper_rows, Console(width=200))
     if cache_report is not None:

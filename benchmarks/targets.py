@@ -333,6 +333,37 @@ async def raw_s3(endpoint_url: str, bucket: str) -> Target:
     return Target("raw aiobotocore", "raw", set_, get, remove, close=stack.aclose)
 
 
+def raw_http(url: str) -> Target:
+    """httpx requests to a kvstorage server, the protocol used directly: PUT, GET, DELETE,
+    one batch POST per get_many, one listing GET (one connection pool)."""
+    import httpx
+
+    client = httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_keepalive_connections=100))
+
+    def path(key: str) -> str:
+        return "/" + key.replace(":", "/")
+
+    async def set_(key: str, value: Value) -> None:
+        (await client.put(path(key), content=_encode(value))).raise_for_status()
+
+    async def get(key: str) -> Any:
+        response = await client.get(path(key))
+        return None if response.status_code == 404 else _decode(response.content)
+
+    async def remove(key: str) -> None:
+        (await client.delete(path(key))).raise_for_status()
+
+    async def get_many(keys: list[str]) -> Any:
+        response = await client.post("/", content=_encode({"keys": keys}))
+        return [None if item is None else item["value"] for item in _decode(response.content)]
+
+    async def keys(base: str) -> list[str]:
+        response = await client.get(path(base) + "/")
+        return [key.replace("/", ":") for key in _decode(response.content)]
+
+    return Target("raw httpx", "raw", set_, get, remove, get_many, keys, client.aclose)
+
+
 # -- peers (installed with the `bench` extra) ---------------------------------------------
 
 

@@ -493,17 +493,40 @@ class Storage:
         mount."""
         order = [normalize_key(key) for key in _key_list(keys)]
         result: dict[str, Any] = dict.fromkeys(order)
-        for mount, (nks, rels) in self._shared.mounts.group(order, self._prefix).items():
+        for mount, nks, records in await self._get_many(order):
             loads = mount.serializer.loads
-            try:
-                records = await mount.driver.get_many(rels)
-            except Exception as exc:
-                _raise_driver_error(mount, exc)
             now = time.time()
             for nk, record in zip(nks, records, strict=True):
                 if record is not None and (record.expires_at is None or record.expires_at > now):
                     result[nk] = loads(record.value)
         return result
+
+    async def get_entries_raw(self, keys: Iterable[str]) -> dict[str, Entry | None]:
+        """Like :meth:`get_items`, with each item's stored bytes, etag and metadata:
+        ``{normalized key: Entry(bytes, etag, meta) or None}`` in input order, one driver
+        batch per mount. For tools that move items without deserializing them (copies,
+        dumps, servers), keeping each remaining TTL."""
+        order = [normalize_key(key) for key in _key_list(keys)]
+        result: dict[str, Entry | None] = dict.fromkeys(order)
+        for _, nks, records in await self._get_many(order):
+            now = time.time()
+            for nk, record in zip(nks, records, strict=True):
+                if record is not None and not is_expired(record.expires_at, now):
+                    result[nk] = _entry(record.value, record)
+        return result
+
+    async def _get_many(
+        self, order: list[str]
+    ) -> list[tuple[MountPoint, list[str], list[Record | None]]]:
+        """One driver ``get_many`` per mount: (mount, normalized keys, records)."""
+        batches = []
+        for mount, (nks, rels) in self._shared.mounts.group(order, self._prefix).items():
+            try:
+                records = await mount.driver.get_many(rels)
+            except Exception as exc:
+                _raise_driver_error(mount, exc)
+            batches.append((mount, nks, records))
+        return batches
 
     async def set_items(
         self,
@@ -513,13 +536,26 @@ class Storage:
     ) -> None:
         """Store many values, one driver batch per mount. Every value is serialized (and
         every key checked) before anything is written."""
-        pairs = _pairs(items)
+        await self._set_many(_pairs(items), ttl, raw=False)
+
+    async def set_items_raw(
+        self,
+        items: Mapping[str, bytes] | Iterable[tuple[str, bytes]],
+        *,
+        ttl: TTL | None = None,
+    ) -> None:
+        """Store many ``bytes`` values unchanged, one driver batch per mount (the raw
+        counterpart of :meth:`set_items`; every key and value is checked first)."""
+        await self._set_many(_pairs(items), ttl, raw=True)
+
+    async def _set_many(self, pairs: list[tuple[str, Any]], ttl: TTL | None, *, raw: bool) -> None:
         expires_at = _expires_at(ttl)
         groups: dict[MountPoint, list[tuple[str, str, bytes]]] = {}
         for key, value in pairs:
             nk, mount, rel = self._locate(key)
             self._check_writable(mount)
-            groups.setdefault(mount, []).append((nk, rel, mount.serializer.dumps(value)))
+            data = _as_bytes(value) if raw else mount.serializer.dumps(value)
+            groups.setdefault(mount, []).append((nk, rel, data))
         for mount, batch in groups.items():
             try:
                 await mount.driver.set_many(

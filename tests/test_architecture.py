@@ -4,8 +4,10 @@
   package it is not part of: ``_x`` is visible inside the package that holds it;
 * the import graph of module-level imports, including those under ``TYPE_CHECKING``, has
   no cycle;
-* the core (``kvstorage`` outside its drivers) never imports a backend library, and each
-  optional library of a driver wrapper is imported by that wrapper's module only.
+* the core (``kvstorage`` outside its drivers) never imports a backend library (nor the
+  libraries of the http and cli extras) when a module loads, each optional library of a
+  driver wrapper is imported by that wrapper's module only, and the command line and the
+  HTTP server work without the optional ones they do not need.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ BACKEND_LIBRARIES = {
     "watchfiles",
     "aiofiles",
     "asyncpg",
+    "httpx",  # the http extra: HTTPDriver ...
+    "uvicorn",  # ... and `kvstorage serve`
+    "rich",  # the cli extra: the progress bar of `kvstorage copy`
 }
 #: library -> the only module that may import it
 WRAPPER_LIBRARIES = {
@@ -154,3 +159,33 @@ def test_each_wrapper_library_is_imported_by_its_wrapper_only() -> None:
         if WRAPPER_LIBRARIES.get(name.split(".")[0], module) != module
     ]
     assert problems == []
+
+
+def test_the_command_line_and_the_server_need_no_extra_library() -> None:
+    """With httpx, uvicorn, rich and every backend library unimportable, the package, the
+    HTTP app and the command line (on memory://) still load and run."""
+    import subprocess
+    import sys
+
+    blocked = sorted(BACKEND_LIBRARIES)
+    code = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ModuleNotFoundError(f"blocked: {{name}}", name=name)
+sys.meta_path.insert(0, Block())
+import kvstorage, kvstorage.http, kvstorage.cli
+from kvstorage import create_storage
+kvstorage.http.create_app(create_storage())
+sys.exit(kvstorage.cli.main(["keys", "memory://"]))
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True)
+    assert result.returncode == 0, result.stderr.decode()
+    missing = subprocess.run(
+        [sys.executable, "-c", code.replace('"memory://"', '"http://127.0.0.1:1/"')],
+        cwd=ROOT,
+        capture_output=True,
+    )
+    assert missing.returncode == 3
+    assert b"pip install 'kvstorage[http]'" in missing.stderr

@@ -271,6 +271,23 @@ async def test_set_items_and_remove_items(storage: Storage) -> None:
     assert await storage.remove_items([]) == 0
 
 
+async def test_raw_batches_keep_bytes_etags_and_expiry(storage: Storage) -> None:
+    every_byte = bytes(range(256))
+    await storage.set_items_raw({"rb:a": every_byte, "rb:empty": b""})
+    await storage.set_items_raw([("rb:t", b"ttl")], ttl=60)
+    entries = await storage.get_entries_raw(["rb:t", "rb:missing", "/rb/a/", "rb:empty"])
+    assert list(entries) == ["rb:t", "rb:missing", "rb:a", "rb:empty"]
+    assert entries["rb:missing"] is None
+    assert [e.value for e in entries.values() if e is not None] == [b"ttl", every_byte, b""]
+    single = await storage.get_entry_raw("rb:a")
+    assert single is not None and entries["rb:a"] is not None
+    assert entries["rb:a"].etag == single.etag and entries["rb:a"].meta.size == 256
+    ttl = entries["rb:t"].meta.ttl if entries["rb:t"] is not None else None
+    assert ttl is not None and 50 < ttl <= 60
+    assert entries["rb:a"].meta.ttl is None
+    assert await storage.get_entries_raw([]) == {}
+
+
 async def test_remove_item(storage: Storage) -> None:
     await storage.set_item("r", 1)
     assert await storage.remove_item("r") is True
@@ -377,6 +394,9 @@ BAD_CALLS: list[tuple[str, Callable[[Storage], Awaitable[Any]], type[Exception]]
     ("set_items-ttl", lambda s: s.set_items({"k": 3}, ttl=0), ValueError),
     ("set_items-pairs", lambda s: s.set_items([("k", 3, 4)]), TypeError),  # type: ignore[list-item]
     ("set_items-key", lambda s: s.set_items({"j": 3, "..": 4}), InvalidKeyError),
+    ("get_entries_raw-key", lambda s: s.get_entries_raw(["k", "a:..:b"]), InvalidKeyError),
+    ("set_items_raw-data", lambda s: s.set_items_raw({"j": b"1", "k": "2"}), TypeError),  # type: ignore[dict-item]
+    ("set_items_raw-ttl", lambda s: s.set_items_raw({"j": b"1"}, ttl=0), ValueError),
     ("remove_items-str", lambda s: s.remove_items("k"), TypeError),
     ("remove_items-key", lambda s: s.remove_items(["k", "\x01"]), InvalidKeyError),
     ("get_keys-depth", lambda s: s.get_keys("", max_depth=-1), ValueError),

@@ -1,5 +1,5 @@
 // The standard workload on unstorage (Node.js), for `python -m benchmarks`.
-// Usage: node unstorage_bench.mjs <driver: memory|fs|redis> <n> [fs-dir|redis-url]
+// Usage: node unstorage_bench.mjs <driver: memory|fs|redis|http> <n> [fs-dir|redis-url|server-url]
 // Prints one JSON object {operation: ops_per_second}.
 import { createStorage } from "unstorage";
 
@@ -10,6 +10,7 @@ async function makeDriver() {
   if (driverName === "memory") return (await import("unstorage/drivers/memory")).default();
   if (driverName === "fs") return (await import("unstorage/drivers/fs")).default({ base: where });
   if (driverName === "redis") return (await import("unstorage/drivers/redis")).default({ url: where, base: "unstorage-bench" });
+  if (driverName === "http") return (await import("unstorage/drivers/http")).default({ base: where });
   throw new Error(`unknown driver ${driverName}`);
 }
 

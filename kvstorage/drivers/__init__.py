@@ -14,6 +14,8 @@ class              URL                       extra
                    ``rediss://``,
                    ``redis+cluster://h:p,h:p``
 ``S3Driver``       ``s3://bucket/prefix``    ``s3``
+``HTTPDriver``     ``http://h:p/base``,      ``http``
+                   ``https://...``
 ``PostgresDriver`` ``postgresql://u:p@h:p/`` ``postgres``
                    ``db?table=kv``,
                    ``postgres://...``
@@ -31,6 +33,7 @@ from .base import Driver
 
 if TYPE_CHECKING:  # for type checkers only: at run time each class loads on first use
     from .fs import FSDriver as FSDriver
+    from .http import HTTPDriver as HTTPDriver
     from .memory import MemoryDriver as MemoryDriver
     from .postgres import PostgresDriver as PostgresDriver
     from .redis import RedisDriver as RedisDriver
@@ -53,6 +56,7 @@ _REGISTRY = (
     _Registered("SQLiteDriver", "sqlite", "sqlite", ("sqlite",)),
     _Registered("RedisDriver", "redis", "redis", ("redis", "rediss", "redis+cluster")),
     _Registered("S3Driver", "s3", "s3", ("s3",)),
+    _Registered("HTTPDriver", "http", "http", ("http", "https")),
     _Registered("PostgresDriver", "postgres", "postgres", ("postgresql", "postgres")),
     _Registered("TieredDriver", "tiered", "", ()),
 )

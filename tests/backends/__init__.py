@@ -12,7 +12,7 @@ table, prefix or directory), and disposes what it made when the test ends.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
 import pytest
@@ -20,6 +20,7 @@ import pytest
 from kvstorage import Driver
 from kvstorage.drivers import (
     FSDriver,
+    HTTPDriver,
     MemoryDriver,
     PostgresDriver,
     RedisDriver,
@@ -56,6 +57,7 @@ BACKENDS: list[BackendSpec] = [
     BackendSpec("redis", "redis_driver_factory", RedisDriver),
     BackendSpec("redis_cluster", "redis_cluster_driver_factory", RedisDriver),
     BackendSpec("postgres", "postgres_driver_factory", PostgresDriver),
+    BackendSpec("http", "http_driver_factory", HTTPDriver),
 ]
 
 
@@ -81,3 +83,20 @@ def require_service(available: bool, what: str) -> None:
     if IN_CI:
         pytest.fail(f"{what} is required in CI but is not available")
     pytest.skip(f"{what} is not available")
+
+
+async def clearing_factory(create: Callable[[int], Driver]) -> AsyncIterator[DriverFactory]:
+    """A factory of the drivers ``create(n)`` returns (``n``: how many were made before);
+    at the end each one clears its own keys (never anything else) and is disposed. For
+    backends shared by every test (a server), where each driver has its own namespace."""
+    made: list[Driver] = []
+
+    def make() -> Driver:
+        driver = create(len(made))
+        made.append(driver)
+        return driver
+
+    yield make
+    for driver in made:
+        await driver.clear()
+        await driver.dispose()

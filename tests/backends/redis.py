@@ -19,7 +19,7 @@ import pytest
 from kvstorage.drivers import RedisDriver
 
 from ..support.servers import RedisServer, free_port
-from . import DriverFactory, require_service
+from . import DriverFactory, clearing_factory, require_service
 
 
 def require_redis() -> None:
@@ -43,17 +43,8 @@ def unique_base() -> str:
 async def drivers_at(url: str) -> AsyncIterator[DriverFactory]:
     """A factory of drivers on ``url``, each under its own base; at the end each one
     deletes its own keys (never anything else) and is disposed."""
-    made: list[RedisDriver] = []
-
-    def make() -> RedisDriver:
-        driver = RedisDriver(url, base=unique_base())
-        made.append(driver)
-        return driver
-
-    yield make
-    for driver in made:
-        await driver.clear()
-        await driver.dispose()
+    async for factory in clearing_factory(lambda _: RedisDriver(url, base=unique_base())):
+        yield factory
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """Throwaway servers on free loopback ports, for the tests and the benchmarks alike:
 ``redis-server`` processes and PostgreSQL clusters (stopped by pid, never a server that was
-already running) and moto's S3 server."""
+already running), moto's S3 server, uvicorn serving an ASGI app in a thread, and
+``kvstorage serve`` as a child process."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 def free_port(*, with_bus: bool = False) -> int:
@@ -330,6 +333,56 @@ def postgres_server() -> Iterator[str | None]:
         yield server.url
     finally:
         server.destroy()
+
+
+@contextmanager
+def asgi_server(app: Any, *, port: int | None = None) -> Iterator[str]:
+    """Serve the ASGI ``app`` with uvicorn on a loopback port, in a thread of this
+    process, meanwhile; yield its URL (``http://127.0.0.1:<port>``)."""
+    import uvicorn
+
+    port = port or free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError(f"uvicorn did not start on port {port}")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@contextmanager
+def kvstorage_server(
+    url: str = "memory://", *args: str, token: str | None = None, cwd: Path | None = None
+) -> Iterator[str]:
+    """Run ``python -m kvstorage serve url *args`` on a free loopback port meanwhile (token
+    from ``token``); yield the server's URL once it listens. Stopped with SIGTERM, which
+    must end it cleanly (status 0)."""
+    port = free_port()
+    env = {**os.environ, "KVSTORAGE_TOKEN": token or ""}
+    command = [sys.executable, "-m", "kvstorage", "serve", url, "--port", str(port), *args]
+    root = Path(__file__).resolve().parents[2]
+    with subprocess.Popen(command, stderr=subprocess.PIPE, cwd=cwd or root, env=env) as server:
+        assert server.stderr is not None
+        line = server.stderr.readline().decode()  # written once the socket listens
+        if f"at http://127.0.0.1:{port}/" not in line:
+            server.kill()
+            raise RuntimeError(f"kvstorage serve did not start: {line.strip()!r}")
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.terminate()
+            status = server.wait(10)
+        if status != 0:
+            raise RuntimeError(f"kvstorage serve ended with status {status}")
 
 
 def _serve(kind: str) -> None:
