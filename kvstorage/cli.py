@@ -641,8 +641,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (the console script exits with it)."""
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING)
+    library = logging.getLogger("kvstorage")
+    level = library.level
     if not debug:
-        logging.getLogger("kvstorage").setLevel(logging.CRITICAL)  # errors are reported once
+        library.setLevel(logging.CRITICAL)  # errors are reported once, by the command
+    try:
+        return _main(argv, debug)
+    finally:
+        library.setLevel(level)  # main() may run inside a program (tests): leave it as it was
+
+
+def _main(argv: Sequence[str] | None, debug: bool) -> int:
     try:
         args = build_parser().parse_args(argv)
         return anyio.run(_run, args)

@@ -28,7 +28,7 @@ from kvstorage import (
     restore_snapshot,
     snapshot,
 )
-from kvstorage.drivers import S3Driver
+from kvstorage.drivers import HTTPDriver, S3Driver
 
 from .backends import BackendSpec, DriverFactory
 from .support.helpers import eventually, json_values
@@ -481,8 +481,9 @@ async def test_etag_changes_on_every_write(storage: Storage) -> None:
 async def test_set_returns_the_etag_it_wrote(
     make_driver: DriverFactory, backend_spec: BackendSpec
 ) -> None:
-    """Every driver but S3 tells the etag of what it wrote (caches keep their own writes by
-    it), and it is the etag a read then reports."""
+    """Every driver but S3 and HTTP (their servers do not answer a write with its etag)
+    tells the etag of what it wrote (caches keep their own writes by it), and it is the etag
+    a read then reports."""
     driver = make_driver()
     conditions = driver.capabilities.conditions
     try:
@@ -497,7 +498,7 @@ async def test_set_returns_the_etag_it_wrote(
             etag = await driver.set("e", str(number).encode(), **options)
             record = await driver.get("e")
             assert record is not None and record.value == str(number).encode()
-            if backend_spec.driver is S3Driver and etag is None:
+            if backend_spec.driver in (S3Driver, HTTPDriver) and etag is None:
                 continue
             assert etag == record.etag, options
     finally:
