@@ -103,7 +103,9 @@ class SessionManager:
         encryption_keys: Sequence[bytes | str] | None = None,
         sweep_interval: float | None = 600.0,
     ) -> None:
-        self.lifetime = Lifetime(seconds(ttl), seconds(idle_timeout), refresh_fraction)
+        self.lifetime = Lifetime(
+            seconds(ttl, "ttl"), seconds(idle_timeout, "idle_timeout"), refresh_fraction
+        )
         """The limits every session of this manager enforces (unless it has its own)."""
         if cookie is None and header is None:
             raise ValueError("with cookie=None, give a header to carry the session ID")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from msgspec import Raw
 
 from kvstorage import ConditionFailedError
 from kvstorage.retry import backoff
+from kvstorage.storage import ttl_seconds
 
 from .store import SessionStore, Stored, fingerprint, handle_of
 
@@ -48,11 +48,10 @@ class _Deleted:
 DELETED: Any = _Deleted()
 
 
-def seconds(value: float | timedelta | None) -> float | None:
-    """A duration as seconds (``timedelta`` or number; None stays None)."""
-    if isinstance(value, timedelta):
-        return value.total_seconds()
-    return None if value is None else float(value)
+def seconds(value: float | timedelta | None, name: str) -> float | None:
+    """A limit as seconds (a number or ``timedelta``; None stays None), checked by the
+    core's TTL rule: ``TypeError`` or ``ValueError`` naming ``name``."""
+    return None if value is None else ttl_seconds(value, name)
 
 
 def _check_key(key: str) -> None:
@@ -76,6 +75,7 @@ class Lifetime:
             idle window has passed since the last write -- not on every request.
 
     Raises:
+        TypeError: a limit that is neither a number nor a ``timedelta``.
         ValueError: a limit that is not a positive finite number, or a
             ``refresh_fraction`` outside ``[0, 1)``.
     """
@@ -85,11 +85,7 @@ class Lifetime:
     refresh_fraction: float = 0.25
 
     def __post_init__(self) -> None:
-        for name, seconds in (("ttl", self.ttl), ("idle_timeout", self.idle_timeout)):
-            if seconds is not None and (
-                isinstance(seconds, bool) or not seconds > 0 or not math.isfinite(seconds)
-            ):
-                raise ValueError(f"{name} must be a positive number of seconds, got {seconds!r}")
+        seconds(self.ttl, "ttl"), seconds(self.idle_timeout, "idle_timeout")  # the core's rule
         if not 0 <= self.refresh_fraction < 1:
             raise ValueError("refresh_fraction must be at least 0 and less than 1")
 
@@ -394,7 +390,11 @@ class Session:
             ValueError: a limit that is not a positive finite number, or
                 ``persistent=True`` without any limit.
         """
-        limits = Lifetime(seconds(ttl), seconds(idle_timeout), self._lifetime.refresh_fraction)
+        limits = Lifetime(
+            seconds(ttl, "ttl"),
+            seconds(idle_timeout, "idle_timeout"),
+            self._lifetime.refresh_fraction,
+        )
         if persistent and limits.ttl is None and limits.idle_timeout is None:
             raise ValueError("a persistent session needs a ttl or an idle_timeout")
         await self._load()
@@ -498,19 +498,22 @@ class Session:
         if self._next_id is not None:  # regenerate(): the data moves to a new ID
             return await self._regenerate(self._next_id)
         await self._load()  # a write-only request has read nothing yet
-        if self._base is None or self._id is None:  # a new session
-            if not self._worth_a_session():
-                self._settle(None, None)
-                return None
-            if headers_sent:
-                logger.warning(_TOO_LATE)
-                return None
-            return await self._create(self._merged(None, time.time(), time.time()))
+        if self._base is None or self._id is None:
+            return await self._create_new(headers_sent=headers_sent)
         return await self._update(self._id, self._base)
 
-    def _worth_a_session(self) -> bool:
-        stored = self._merged(None, 0.0, 0.0)
-        return bool(stored.data or stored.flash or stored.user or stored.csrf or stored.limits)
+    async def _create_new(self, *, headers_sent: bool) -> str | None:
+        """Store this request's changes as a new session -- unless they hold nothing worth
+        a session (only deletes, say) or the client can no longer receive its ID."""
+        now = time.time()
+        stored = self._merged(None, now, now)
+        if not (stored.data or stored.flash or stored.user or stored.csrf or stored.limits):
+            self._settle(None, None)
+            return None
+        if headers_sent:
+            logger.warning(_TOO_LATE)
+            return None
+        return await self._create(stored)
 
     async def _bind_user(self, handle: str, stored: Stored) -> None:
         """Write the user index entry of ``stored`` (before the session itself)."""
@@ -543,11 +546,7 @@ class Session:
         is still the version read (so a session ended meanwhile is not revived: the new
         one is ended too)."""
         if self._base is None or self._id is None:  # nothing stored yet: a new session
-            self._next_id = None
-            if not self._worth_a_session():
-                self._settle(None, None)
-                return None
-            return await self._create(self._merged(None, time.time(), time.time()))
+            return await self._create_new(headers_sent=False)
         old_id, old, new = self._id, handle_of(self._id), handle_of(new_id)
         created = time.time()  # a login starts a new absolute lifetime
         current: Stored | None = self._base

@@ -426,12 +426,7 @@ class SessionStore:
 
     async def unbind(self, user_id: str, *handles: str) -> None:
         """Forget that the sessions ``handles`` belong to ``user_id``."""
-
-        def drop(index: dict[str, Any]) -> None:
-            for handle in handles:
-                index.pop(handle, None)
-
-        await self._change_index(self._user_key(user_id), drop)
+        await self.prune_index(self._user_key(user_id), list(handles))
 
     async def handles_of(self, user_id: str) -> list[str]:
         """The handles of every session recorded for ``user_id`` (one read: one item per
