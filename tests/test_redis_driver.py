@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from redis.crc import key_slot
 from kvstorage import DriverError, DriverUnavailableError, Storage, create_storage
 from kvstorage.drivers import RedisDriver, from_url
 from kvstorage.drivers._redis_wire import glob_escape, pack_command
+from kvstorage.drivers.redis import _pxat
 
 from .backends.redis import unique_base
 from .backends.redis_cluster import RedisCluster as ClusterProcesses
@@ -157,6 +159,16 @@ async def test_ttl_is_native_with_millisecond_precision(
     # Redis itself deletes the keys: nothing to sweep, nothing left behind.
     await eventually(lambda: _gone(raw, base + ":t", base + ":u"), within=3)
     assert await store.sweep() == 0
+
+
+@given(st.floats(min_value=1e9, max_value=4e9))
+def test_redis_drops_a_key_no_later_than_its_header_says(expires_at: float) -> None:
+    # Redis keeps a key while its clock, in whole milliseconds, is not past PXAT; at the
+    # instant the header calls the item expired, Redis must already have let it go.
+    redis_clock_at_expiry = math.floor(expires_at * 1000)
+    pxat = _pxat(expires_at)
+    assert pxat is not None and redis_clock_at_expiry > pxat
+    assert expires_at - pxat / 1000 < 0.0021
 
 
 async def _gone(raw: Redis, *names: str) -> bool:

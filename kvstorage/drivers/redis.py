@@ -180,9 +180,14 @@ def _pack(value: bytes, expires_at: float | None) -> bytes:
 
 
 def _pxat(expires_at: float | None) -> int | None:
-    """``expires_at`` in Unix milliseconds, rounded down so that Redis never keeps a key
-    longer than its header says, for ``PXAT`` / ``PEXPIREAT``."""
-    return None if expires_at is None else math.floor(expires_at * 1000)
+    """``expires_at`` in Unix milliseconds for ``PXAT`` / ``PEXPIREAT``, early enough that
+    Redis never keeps a key its header calls expired.
+
+    Redis drops a key once its clock in whole milliseconds is *past* the given time, so
+    the time is the millisecond before the one ``expires_at`` falls in: a listing right
+    after a read that found the item expired must not name it any more.
+    """
+    return None if expires_at is None else math.floor(expires_at * 1000) - 1
 
 
 def _valid(data: bytes) -> bool:
