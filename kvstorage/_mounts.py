@@ -22,7 +22,9 @@ from .drivers.base import Driver
 from .keys import base_covers, depth_below
 from .serializers import Serializer
 
-__all__ = ["Group", "Mount", "MountPoint", "MountTable", "Slice"]
+__all__ = ["LOCATED_CACHE_SIZE", "Group", "Mount", "MountPoint", "MountTable", "Slice"]
+
+LOCATED_CACHE_SIZE = 16384
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,12 +87,16 @@ class Group(NamedTuple):
 class MountTable:
     """The mounts of one storage, routed by longest base."""
 
-    __slots__ = ("_by_base", "routes")
+    __slots__ = ("_by_base", "located", "routes")
 
     def __init__(self) -> None:
         self._by_base: dict[str, MountPoint] = {}
         self.routes: list[MountPoint] = []
         """Every mount, longest base first (the root last)."""
+        self.located: dict[str, tuple[str, MountPoint, str]] = {}
+        """Recent :meth:`locate_key` results by full key, so that a hot key costs one dict
+        lookup (emptied whenever the mounts change, and when it holds
+        :data:`LOCATED_CACHE_SIZE` keys)."""
 
     def __contains__(self, base: str) -> bool:
         return base in self._by_base
@@ -101,12 +107,14 @@ class MountTable:
 
     def add(self, mount: MountPoint) -> None:
         """Add ``mount``; its base must not be mounted yet."""
+        self.located.clear()
         self._by_base[mount.base] = mount
         self.routes = sorted(self._by_base.values(), key=lambda m: len(m.base), reverse=True)
 
     def remove(self, base: str) -> MountPoint:
         """Take out and return the mount at ``base`` (KeyError if there is none)."""
         mount = self._by_base.pop(base)
+        self.located.clear()
         self.routes = [m for m in self.routes if m is not mount]
         return mount
 
@@ -125,6 +133,18 @@ class MountTable:
             return routes[0], key
         mount = self.route(key)
         return mount, key[len(mount.prefix) :]
+
+    def locate_key(self, key: str, *, remember: bool) -> tuple[str, MountPoint, str]:
+        """``(key, mount, driver key)`` for the full key ``key``, kept in :attr:`located`
+        when ``remember`` is true (only for keys that are already normal: a lookup there
+        skips normalization)."""
+        mount, rel = self.locate(key)
+        located = (key, mount, rel)
+        if remember:
+            if len(self.located) >= LOCATED_CACHE_SIZE:
+                self.located.clear()
+            self.located[key] = located
+        return located
 
     def mount_for_base(self, base: str) -> MountPoint:
         """The mount responsible for the keys under ``base``."""

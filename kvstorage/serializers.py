@@ -101,7 +101,13 @@ class JSONSerializer:
     def dumps(self, value: Any) -> bytes:
         """Serialize a JSON value; raise :class:`SerializationError` for anything else."""
         try:
-            if type(value) not in _SCALARS:
+            kind = type(value)
+            if kind is dict:  # the common case, one level inlined
+                for key, item in value.items():
+                    if type(key) is not str or type(item) not in _SCALARS:
+                        _check_json(value)
+                        break
+            elif kind not in _SCALARS:
                 _check_json(value)
             return _encode(value)
         except (TypeError, ValueError, OverflowError, RecursionError) as exc:

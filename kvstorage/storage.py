@@ -113,6 +113,11 @@ def _raise_driver_error(mount: MountPoint, exc: Exception) -> NoReturn:
     raise DriverError(f"{type(exc).__name__}: {exc}", driver=name) from exc
 
 
+def _refuse_write(mount: MountPoint) -> NoReturn:
+    where = f"mount {mount.base!r}" if mount.base else "the root mount"
+    raise ReadOnlyError(f"{mount.driver.name} driver at {where} is read-only")
+
+
 def _expires_at(ttl: TTL | None) -> float | None:
     return None if ttl is None else time.time() + ttl_seconds(ttl)
 
@@ -250,10 +255,12 @@ class Storage:
         return join_keys(self._base, normalize_base(base))
 
     def _locate(self, key: str) -> tuple[str, MountPoint, str]:
-        """(normalized key as the caller sees it, mount, driver-relative key)."""
-        nk = normalize_key(key)
-        mount, rel = self._shared.mounts.locate(self._prefix + nk if self._prefix else nk)
-        return nk, mount, rel
+        """(full key, mount, driver-relative key) of the item key ``key`` of this view."""
+        try:  # the hot path: a key already normal, used recently
+            return self._shared.mounts.located[self._prefix + key]
+        except (KeyError, TypeError):
+            nk = normalize_key(key)
+            return self._shared.mounts.locate_key(self._prefix + nk, remember=nk == key)
 
     def _slices(self, base: str) -> list[Slice]:
         """What to scan for the keys under ``base`` (see :meth:`MountTable.slices`)."""
@@ -304,11 +311,24 @@ class Storage:
             SerializationError: the value cannot be serialized (nothing is written).
             ConditionFailedError: a condition was false (nothing is written).
         """
-        nk, mount, rel = self._locate(key)
+        full, mount, rel = self._locate(key)
         expires_at = None if ttl is None else _expires_at(ttl)
-        _check_conditions(if_absent, if_match)
+        if if_absent or if_match is not None:
+            _check_conditions(if_absent, if_match)
+            data = mount.serializer.dumps(value)
+            await self._write(full, mount, rel, data, expires_at, if_absent, if_match)
+            return
+        # The unconditional write: _write's common case, inlined.
         data = mount.serializer.dumps(value)
-        await self._write(nk, mount, rel, data, expires_at, if_absent, if_match)
+        driver = mount.driver
+        if driver.read_only:
+            _refuse_write(mount)
+        try:
+            await driver.set(rel, data, expires_at=expires_at)
+        except Exception as exc:
+            _raise_driver_error(mount, exc)
+        if self._shared.watchers and mount.emits:
+            self._shared.emit("update", full)
 
     async def set_item_raw(
         self,
@@ -320,21 +340,22 @@ class Storage:
         if_match: str | None = None,
     ) -> None:
         """Store ``data`` unchanged at ``key`` (same options as :meth:`set_item`)."""
-        nk, mount, rel = self._locate(key)
+        full, mount, rel = self._locate(key)
         expires_at = _expires_at(ttl)
         _check_conditions(if_absent, if_match)
-        await self._write(nk, mount, rel, _as_bytes(data), expires_at, if_absent, if_match)
+        await self._write(full, mount, rel, _as_bytes(data), expires_at, if_absent, if_match)
 
     async def remove_item(self, key: str) -> bool:
         """Delete ``key``; return True if it held a value."""
-        nk, mount, rel = self._locate(key)
-        self._check_writable(mount)
+        full, mount, rel = self._locate(key)
+        if mount.driver.read_only:
+            _refuse_write(mount)
         try:
             removed = await mount.driver.remove(rel)
         except Exception as exc:
             _raise_driver_error(mount, exc)
         if removed and self._shared.watchers and mount.emits:
-            self._shared.emit("remove", self._prefix + nk)
+            self._shared.emit("remove", full)
         return removed
 
     async def get_meta(self, key: str) -> Meta | None:
@@ -375,7 +396,7 @@ class Storage:
         it re-read and call ``fn`` again, up to ``retries`` times (then
         :class:`ConditionFailedError`). Without ``ttl`` the item keeps its current expiry.
         """
-        nk, mount, rel = self._locate(key)
+        full, mount, rel = self._locate(key)
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
         if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
@@ -395,9 +416,9 @@ class Storage:
                 expires_at = None if record is None else record.expires_at
             try:
                 if record is None:
-                    await self._write(nk, mount, rel, data, expires_at, True, None)
+                    await self._write(full, mount, rel, data, expires_at, True, None)
                 else:
-                    await self._write(nk, mount, rel, data, expires_at, False, record.etag)
+                    await self._write(full, mount, rel, data, expires_at, False, record.etag)
             except ConditionFailedError:
                 if attempt == retries:
                     raise
@@ -438,12 +459,11 @@ class Storage:
 
     def _check_writable(self, mount: MountPoint) -> None:
         if mount.driver.read_only:
-            where = f"mount {mount.base!r}" if mount.base else "the root mount"
-            raise ReadOnlyError(f"{mount.driver.name} driver at {where} is read-only")
+            _refuse_write(mount)
 
     async def _write(
         self,
-        nk: str,
+        full: str,
         mount: MountPoint,
         rel: str,
         data: bytes,
@@ -451,8 +471,9 @@ class Storage:
         if_absent: bool,
         if_match: str | None,
     ) -> None:
-        self._check_writable(mount)
         driver = mount.driver
+        if driver.read_only:
+            _refuse_write(mount)
         try:
             if (if_absent or if_match is not None) and not driver.capabilities.conditions:
                 await self._emulated_conditional_set(
@@ -465,7 +486,7 @@ class Storage:
         except Exception as exc:
             _raise_driver_error(mount, exc)
         if self._shared.watchers and mount.emits:
-            self._shared.emit("update", self._prefix + nk)
+            self._shared.emit("update", full)
 
     async def _emulated_conditional_set(
         self,
@@ -552,10 +573,10 @@ class Storage:
         expires_at = _expires_at(ttl)
         groups: dict[MountPoint, list[tuple[str, str, bytes]]] = {}
         for key, value in pairs:
-            nk, mount, rel = self._locate(key)
+            full, mount, rel = self._locate(key)
             self._check_writable(mount)
             data = _as_bytes(value) if raw else mount.serializer.dumps(value)
-            groups.setdefault(mount, []).append((nk, rel, data))
+            groups.setdefault(mount, []).append((full, rel, data))
         for mount, batch in groups.items():
             try:
                 await mount.driver.set_many(
@@ -564,8 +585,8 @@ class Storage:
             except Exception as exc:
                 _raise_driver_error(mount, exc)
             if self._shared.watchers and mount.emits:
-                for nk, _, _ in batch:
-                    self._shared.emit("update", self._prefix + nk)
+                for full, _, _ in batch:
+                    self._shared.emit("update", full)
 
     async def remove_items(self, keys: Iterable[str]) -> int:
         """Delete many keys, one driver batch per mount; return how many existed."""

@@ -39,13 +39,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal, NamedTuple, Self, cast
+from typing import ClassVar, Literal, NamedTuple, Self
+
+import msgspec
 
 from ..errors import ConditionFailedError, DriverError
 
@@ -96,11 +97,13 @@ class Capabilities:
     exact_watch: bool = False
 
 
-class Record(NamedTuple):
-    """A stored value with its etag and times, as a driver returns it.
+class Record(msgspec.Struct, frozen=True, gc=False):
+    """A stored value with its etag and times, as a driver returns it:
+    ``Record(value, etag, mtime, expires_at)``.
 
-    A named tuple: cheap to create, and untracked by the garbage collector, which matters
-    for drivers that keep millions of them (memory).
+    An immutable struct (``msgspec.Struct``): a third of a named tuple's cost to create,
+    and untracked by the garbage collector, which matters for drivers that keep millions
+    of them (memory).
     """
 
     value: bytes
@@ -111,12 +114,9 @@ class Record(NamedTuple):
     """Absolute expiry, Unix seconds, or None."""
 
 
-#: ``make_record((value, etag, mtime, expires_at))`` builds a :class:`Record` without the
-#: named tuple's Python-level ``__new__`` (about 3x faster): for drivers' hot paths.
-make_record = cast(
-    "Callable[[tuple[bytes, str, float | None, float | None]], Record]",
-    functools.partial(tuple.__new__, Record),
-)
+def make_record(fields: tuple[bytes, str, float | None, float | None]) -> Record:
+    """``Record(*fields)``, for code that has the four fields as a tuple."""
+    return Record(*fields)
 
 
 class Stat(NamedTuple):

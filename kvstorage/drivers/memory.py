@@ -9,7 +9,7 @@ from collections import OrderedDict
 from collections.abc import AsyncGenerator, Sequence
 
 from ..keys import base_covers
-from .base import Capabilities, Driver, Record, check_condition, is_expired, make_record
+from .base import Capabilities, Driver, Record, check_condition, is_expired
 
 __all__ = ["MemoryDriver"]
 
@@ -93,11 +93,17 @@ class MemoryDriver(Driver):
             current = self._live(key)
             etag = None if current is None else current.etag
             check_condition(key, etag, if_absent=if_absent, if_match=if_match)
-        return self._store(key, value, expires_at)
+        etag = str(next(_versions))
+        record = Record(value, etag, time.time(), expires_at)
+        if self._lru is None:  # the hot path, inlined
+            self._data[key] = record
+        else:
+            self.put(key, record)
+        return etag
 
     def _store(self, key: str, value: bytes, expires_at: float | None) -> str:
         etag = str(next(_versions))
-        self.put(key, make_record((value, etag, time.time(), expires_at)))
+        self.put(key, Record(value, etag, time.time(), expires_at))
         return etag
 
     # -- for caches: records kept as another driver reported them ------------------------
