@@ -138,12 +138,14 @@ class MountTable:
         """``(key, mount, driver key)`` for the full key ``key``, kept in :attr:`located`
         when ``remember`` is true (only for keys that are already normal: a lookup there
         skips normalization)."""
-        mount, rel = self.locate(key)
-        located = (key, mount, rel)
+        routes = self.routes
+        mount = routes[0] if len(routes) == 1 else self.route(key)
+        located = (key, mount, key[len(mount.prefix) :])
         if remember:
-            if len(self.located) >= LOCATED_CACHE_SIZE:
-                self.located.clear()
-            self.located[key] = located
+            cache = self.located
+            if len(cache) >= LOCATED_CACHE_SIZE:
+                cache.clear()
+            cache[key] = located
         return located
 
     def mount_for_base(self, base: str) -> MountPoint:

@@ -28,6 +28,7 @@ from .drivers.memory import MemoryDriver
 from .errors import (
     ConditionFailedError,
     DriverError,
+    InvalidKeyError,
     KVStorageError,
     ReadOnlyError,
     SerializationError,
@@ -256,11 +257,14 @@ class Storage:
 
     def _locate(self, key: str) -> tuple[str, MountPoint, str]:
         """(full key, mount, driver-relative key) of the item key ``key`` of this view."""
-        try:  # the hot path: a key already normal, used recently
-            return self._shared.mounts.located[self._prefix + key]
-        except (KeyError, TypeError):
-            nk = normalize_key(key)
-            return self._shared.mounts.locate_key(self._prefix + nk, remember=nk == key)
+        if type(key) is str:  # the hot path: a key already normal, used recently
+            located = self._shared.mounts.located.get(self._prefix + key)
+            if located is not None:
+                return located
+        nk = normalize_base(key)  # not normalize_key: its cache would only add a miss
+        if not nk:
+            raise InvalidKeyError(f"empty key {key!r}")
+        return self._shared.mounts.locate_key(self._prefix + nk, remember=nk == key)
 
     def _slices(self, base: str) -> list[Slice]:
         """What to scan for the keys under ``base`` (see :meth:`MountTable.slices`)."""
