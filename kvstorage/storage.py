@@ -279,7 +279,8 @@ class Storage:
 
     async def get_item(self, key: str, default: Any = None) -> Any:
         """Return the value at ``key``, or ``default`` when it is missing or expired."""
-        _, mount, rel = self._locate(key)
+        located = self._shared.mounts.located.get(self._prefix + key) if type(key) is str else None
+        _, mount, rel = self._locate(key) if located is None else located
         try:
             record = await mount.driver.get(rel)
         except Exception as exc:
