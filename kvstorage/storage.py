@@ -120,6 +120,8 @@ def _refuse_write(mount: MountPoint) -> NoReturn:
 
 
 def _expires_at(ttl: TTL | None) -> float | None:
+    if type(ttl) is float and 0 < ttl < math.inf:  # the common case, checked inline
+        return time.time() + ttl
     return None if ttl is None else time.time() + ttl_seconds(ttl)
 
 

@@ -71,11 +71,16 @@ class MemoryDriver(Driver):
             self._lru.move_to_end(key)  # most recently used goes last
         return record
 
-    async def get(self, key: str) -> Record | None:  # peek, inlined: the hot path
+    async def get(self, key: str) -> Record | None:  # _live, inlined: the hot path
         record = self._data.get(key)
-        if record is None or (record.expires_at is None and self._lru is None):
-            return record
-        return self._live(key)
+        if record is None:
+            return None
+        if record.expires_at is not None and record.expires_at <= time.time():
+            del self._data[key]
+            return None
+        if self._lru is not None:
+            self._lru.move_to_end(key)
+        return record
 
     async def get_many(self, keys: Sequence[str]) -> list[Record | None]:
         return [self._live(key) for key in keys]
