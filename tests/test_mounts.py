@@ -84,3 +84,27 @@ def test_remove_takes_a_mount_out_of_routing() -> None:
     assert mounts.locate("a:1") == (m[""], "a:1")
     with pytest.raises(KeyError):
         mounts.remove("a")
+
+
+def test_located_keys_are_remembered_and_forgotten_when_mounts_change() -> None:
+    mounts, m = table("a")
+    assert mounts.locate_key("a:x", remember=True) == ("a:x", m["a"], "x")
+    assert mounts.located["a:x"] == ("a:x", m["a"], "x")
+    assert mounts.locate_key("b", remember=False) == ("b", m[""], "b")
+    assert "b" not in mounts.located
+    nested = MountPoint("a:x", "a:x:", cast(Driver, object()), get_serializer("json"))
+    mounts.add(nested)
+    assert mounts.located == {}  # a mount added later may own a remembered key
+    mounts.locate_key("a:x:y", remember=True)
+    mounts.remove("a:x")
+    assert mounts.located == {}
+    assert mounts.locate_key("a:x:y", remember=True) == ("a:x:y", m["a"], "x:y")
+
+
+def test_the_located_cache_is_bounded() -> None:
+    from kvstorage._mounts import LOCATED_CACHE_SIZE
+
+    mounts, _ = table()
+    for i in range(LOCATED_CACHE_SIZE + 10):
+        mounts.locate_key(f"k{i}", remember=True)
+    assert 0 < len(mounts.located) <= LOCATED_CACHE_SIZE

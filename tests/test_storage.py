@@ -15,10 +15,12 @@ from kvstorage import (
     ConditionFailedError,
     Driver,
     DriverError,
+    InvalidKeyError,
     ReadOnlyError,
     Record,
     Storage,
     create_storage,
+    prefix_storage,
 )
 from kvstorage.drivers import MemoryDriver, from_url
 from kvstorage.drivers.base import require_asyncio
@@ -211,3 +213,36 @@ async def test_storage_repr_and_context_manager() -> None:
 async def test_require_asyncio_refuses_trio() -> None:
     with pytest.raises(DriverError, match="only on asyncio, not on trio"):
         require_asyncio("redis")
+
+
+async def test_keys_used_before_a_mount_go_to_the_mount_afterwards() -> None:
+    root, later = MemoryDriver(), MemoryDriver()
+    storage = create_storage(root)
+    await storage.set_item("a:b", 1)
+    assert await storage.get_item("a:b") == 1  # routed, and remembered
+    storage.mount("a", later)
+    assert await storage.get_item("a:b") is None
+    await storage.set_item("a:b", 2)
+    assert (await later.get("b")) is not None and await storage.get_item("a:b") == 2
+    await storage.unmount("a", dispose=False)
+    assert await storage.get_item("a:b") == 1
+
+
+async def test_a_view_refuses_empty_and_non_string_keys_its_parent_has_used() -> None:
+    storage = create_storage()
+    await storage.set_item("p", 1)  # the normal key "p" is remembered by the routing
+    assert await storage.get_item("p:") == 1  # "p:" is not normal: never remembered
+    view = prefix_storage(storage, "p")
+    for bad in ("", ":", "/"):
+        with pytest.raises(InvalidKeyError):
+            await view.get_item(bad)
+        with pytest.raises(InvalidKeyError):
+            await view.set_item(bad, 2)
+    for not_a_key in (5, None, b"p"):
+        with pytest.raises(InvalidKeyError):
+            await view.get_item(not_a_key)  # type: ignore[arg-type]
+        with pytest.raises(InvalidKeyError):
+            await storage.get_item(not_a_key)  # type: ignore[arg-type]
+    await view.set_item("/x//y/", 3)
+    assert await storage.get_item("p:x:y") == 3 and await view.get_item("x:y") == 3
+    assert await storage.get_item("p") == 1
