@@ -134,18 +134,17 @@ class MountTable:
         mount = self.route(key)
         return mount, key[len(mount.prefix) :]
 
-    def locate_key(self, key: str, *, remember: bool) -> tuple[str, MountPoint, str]:
-        """``(key, mount, driver key)`` for the full key ``key``, kept in :attr:`located`
-        when ``remember`` is true (only for keys that are already normal: a lookup there
-        skips normalization)."""
+    def locate_key(self, key: str) -> tuple[str, MountPoint, str]:
+        """``(key, mount, driver key)`` for the full key ``key``, remembered in
+        :attr:`located`. Entries are normal keys, so a lookup there by the key as a caller
+        wrote it hits only when that was normal already."""
         routes = self.routes
         mount = routes[0] if len(routes) == 1 else self.route(key)
         located = (key, mount, key[len(mount.prefix) :])
-        if remember:
-            cache = self.located
-            if len(cache) >= LOCATED_CACHE_SIZE:
-                cache.clear()
-            cache[key] = located
+        cache = self.located
+        if len(cache) >= LOCATED_CACHE_SIZE:
+            cache.clear()
+        cache[key] = located
         return located
 
     def mount_for_base(self, base: str) -> MountPoint:

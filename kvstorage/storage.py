@@ -266,7 +266,7 @@ class Storage:
         nk = normalize_base(key)  # not normalize_key: its cache would only add a miss
         if not nk:
             raise InvalidKeyError(f"empty key {key!r}")
-        return self._shared.mounts.locate_key(self._prefix + nk, remember=nk == key)
+        return self._shared.mounts.locate_key(self._prefix + nk)
 
     def _slices(self, base: str) -> list[Slice]:
         """What to scan for the keys under ``base`` (see :meth:`MountTable.slices`)."""

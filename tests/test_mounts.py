@@ -88,17 +88,15 @@ def test_remove_takes_a_mount_out_of_routing() -> None:
 
 def test_located_keys_are_remembered_and_forgotten_when_mounts_change() -> None:
     mounts, m = table("a")
-    assert mounts.locate_key("a:x", remember=True) == ("a:x", m["a"], "x")
+    assert mounts.locate_key("a:x") == ("a:x", m["a"], "x")
     assert mounts.located["a:x"] == ("a:x", m["a"], "x")
-    assert mounts.locate_key("b", remember=False) == ("b", m[""], "b")
-    assert "b" not in mounts.located
     nested = MountPoint("a:x", "a:x:", cast(Driver, object()), get_serializer("json"))
     mounts.add(nested)
     assert mounts.located == {}  # a mount added later may own a remembered key
-    mounts.locate_key("a:x:y", remember=True)
+    mounts.locate_key("a:x:y")
     mounts.remove("a:x")
     assert mounts.located == {}
-    assert mounts.locate_key("a:x:y", remember=True) == ("a:x:y", m["a"], "x:y")
+    assert mounts.locate_key("a:x:y") == ("a:x:y", m["a"], "x:y")
 
 
 def test_the_located_cache_is_bounded() -> None:
@@ -106,5 +104,5 @@ def test_the_located_cache_is_bounded() -> None:
 
     mounts, _ = table()
     for i in range(LOCATED_CACHE_SIZE + 10):
-        mounts.locate_key(f"k{i}", remember=True)
+        mounts.locate_key(f"k{i}")
     assert 0 < len(mounts.located) <= LOCATED_CACHE_SIZE

@@ -231,7 +231,7 @@ async def test_keys_used_before_a_mount_go_to_the_mount_afterwards() -> None:
 async def test_a_view_refuses_empty_and_non_string_keys_its_parent_has_used() -> None:
     storage = create_storage()
     await storage.set_item("p", 1)  # the normal key "p" is remembered by the routing
-    assert await storage.get_item("p:") == 1  # "p:" is not normal: never remembered
+    assert await storage.get_item("p:") == 1  # remembered as "p", never as "p:"
     view = prefix_storage(storage, "p")
     for bad in ("", ":", "/"):
         with pytest.raises(InvalidKeyError):
