@@ -310,7 +310,11 @@ class HTTPDriver(Driver):
             raise self._fail(response, f"reading {key!r}")
         if not self._kvstorage:  # no etag nor size from unstorage's server
             record = await self.get(key)
-            return None if record is None else Stat(len(record.value), *record[1:])
+            return (
+                None
+                if record is None
+                else Stat(len(record.value), record.etag, record.mtime, record.expires_at)
+            )
         record = self._record(response, b"")
         size = int(response.headers.get("content-length", 0))
         return Stat(size, record.etag, record.mtime, record.expires_at)

@@ -647,7 +647,7 @@ class RedisDriver(Driver):
                 if await pubsub.get_message(timeout=self._timeout) is None:
                     raise TimeoutError("no reply to PSUBSCRIBE")
             except BaseException:
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
                 raise
         task = asyncio.get_running_loop().create_task(
             self._listen(client, pubsub, emit, len(channel.encode()))
@@ -658,7 +658,7 @@ class RedisDriver(Driver):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
 
         self._watchers.add(stop)
         return stop
