@@ -13,14 +13,14 @@ already joined on. The rules:
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
-from typing import NamedTuple
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import anyio
 
 from .drivers.base import Driver
 from .keys import base_covers, depth_below
-from .serializers import Serializer
+from .serializers import Serializer, fast_loads
 
 __all__ = ["LOCATED_CACHE_SIZE", "Group", "Mount", "MountPoint", "MountTable", "Slice"]
 
@@ -47,6 +47,11 @@ class MountPoint:
     serializer: Serializer
     stop_watch: Callable[[], Awaitable[None]] | None = None
     lock: anyio.Lock | None = None  # for conditions on drivers that cannot do them
+    loads: Callable[[bytes], Any] = field(init=False)
+    """:func:`~kvstorage.serializers.fast_loads` of the serializer."""
+
+    def __post_init__(self) -> None:
+        self.loads = fast_loads(self.serializer)
 
     @property
     def emits(self) -> bool:

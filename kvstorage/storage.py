@@ -35,7 +35,7 @@ from .errors import (
 )
 from .keys import base_covers, depth_below, join_keys, normalize_base, normalize_key
 from .retry import backoff
-from .serializers import Serializer, get_serializer
+from .serializers import DECODE_ERRORS, Serializer, decode_error, get_serializer
 
 __all__ = ["Entry", "Meta", "Mount", "Storage", "WatchCallback", "create_storage", "prefix_storage"]
 
@@ -289,7 +289,10 @@ class Storage:
             _raise_driver_error(mount, exc)
         if record is None or (record.expires_at is not None and record.expires_at <= time.time()):
             return default
-        return mount.serializer.loads(record.value)
+        try:
+            return mount.loads(record.value)
+        except DECODE_ERRORS as exc:
+            raise decode_error(exc) from None
 
     async def get_item_raw(self, key: str) -> bytes | None:
         """Return the stored bytes at ``key`` unchanged, or None."""

@@ -18,6 +18,7 @@ from kvstorage import (
     InvalidKeyError,
     ReadOnlyError,
     Record,
+    SerializationError,
     Storage,
     create_storage,
     prefix_storage,
@@ -246,3 +247,17 @@ async def test_a_view_refuses_empty_and_non_string_keys_its_parent_has_used() ->
     await view.set_item("/x//y/", 3)
     assert await storage.get_item("p:x:y") == 3 and await view.get_item("x:y") == 3
     assert await storage.get_item("p") == 1
+
+
+async def test_stored_bytes_that_are_not_json_read_as_a_clear_error() -> None:
+    storage = create_storage()
+    await storage.set_item_raw("bad", b"{not json")
+    await storage.set_item_raw("deep", b"[" * 100_000 + b"]" * 100_000)
+    for key in ("bad", "deep"):
+        with pytest.raises(SerializationError):
+            await storage.get_item(key)
+        with pytest.raises(SerializationError):
+            await storage.get_items([key])
+        with pytest.raises(SerializationError):
+            await storage.get_entry(key)
+    assert await storage.get_item_raw("bad") == b"{not json"  # nothing was lost
