@@ -22,6 +22,7 @@ __all__ = [
     "MAX_KEY_BYTES",
     "base_covers",
     "depth_below",
+    "is_normal",
     "join_keys",
     "key_range",
     "normalize_base",
@@ -32,6 +33,10 @@ MAX_KEY_BYTES = 1024
 
 # Keys that are already normal and valid (the common case) skip the slow path.
 _SIMPLE = re.compile(r"[A-Za-z0-9_\-@+=,]+(?::[A-Za-z0-9_\-@+=,]+)*")
+is_normal = _SIMPLE.fullmatch
+"""``is_normal(key)`` is true (a match) for a key that normalization leaves unchanged and
+that is valid, when it is at most :data:`MAX_KEY_BYTES` long: ASCII letters, digits and
+``_-@+=,`` in segments joined by single ``:``. False for many other valid keys."""
 _SEPARATORS = re.compile(r"[:/\\]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
@@ -40,7 +45,7 @@ def normalize_base(base: str) -> str:
     """Normalize a base (for listing, clearing, mounting); ``""`` is the root."""
     if not isinstance(base, str):
         raise InvalidKeyError(f"key must be a str, not {type(base).__name__}")
-    if len(base) <= MAX_KEY_BYTES and _SIMPLE.fullmatch(base):
+    if len(base) <= MAX_KEY_BYTES and is_normal(base):
         return base
     key = _SEPARATORS.sub(":", base).strip(":")
     if _CONTROL.search(key):

@@ -33,7 +33,15 @@ from .errors import (
     ReadOnlyError,
     SerializationError,
 )
-from .keys import base_covers, depth_below, join_keys, normalize_base, normalize_key
+from .keys import (
+    MAX_KEY_BYTES,
+    base_covers,
+    depth_below,
+    is_normal,
+    join_keys,
+    normalize_base,
+    normalize_key,
+)
 from .retry import backoff
 from .serializers import DECODE_ERRORS, Serializer, decode_error, get_serializer
 
@@ -263,6 +271,8 @@ class Storage:
             located = self._shared.mounts.located.get(self._prefix + key)
             if located is not None:
                 return located
+            if len(key) <= MAX_KEY_BYTES and is_normal(key):  # a new key, already normal
+                return self._shared.mounts.locate_key(self._prefix + key)
         nk = normalize_base(key)  # not normalize_key: its cache would only add a miss
         if not nk:
             raise InvalidKeyError(f"empty key {key!r}")
