@@ -60,18 +60,7 @@ class MemoryDriver(Driver):
         bound = f"max_entries={self._max_entries}" if self._max_entries else ""
         return f"MemoryDriver({bound})"
 
-    def _live(self, key: str) -> Record | None:
-        record = self._data.get(key)
-        if record is None:
-            return None
-        if record.expires_at is not None and record.expires_at <= time.time():
-            del self._data[key]
-            return None
-        if self._lru is not None:
-            self._lru.move_to_end(key)  # most recently used goes last
-        return record
-
-    async def get(self, key: str) -> Record | None:  # _live, inlined: the hot path
+    async def get(self, key: str) -> Record | None:  # peek, inlined: the hot path
         record = self._data.get(key)
         if record is None:
             return None
@@ -83,7 +72,7 @@ class MemoryDriver(Driver):
         return record
 
     async def get_many(self, keys: Sequence[str]) -> list[Record | None]:
-        return [self._live(key) for key in keys]
+        return [self.peek(key) for key in keys]
 
     async def set(
         self,
@@ -95,7 +84,7 @@ class MemoryDriver(Driver):
         if_match: str | None = None,
     ) -> str:
         if if_absent or if_match is not None:
-            current = self._live(key)
+            current = self.peek(key)
             etag = None if current is None else current.etag
             check_condition(key, etag, if_absent=if_absent, if_match=if_match)
         etag = str(next(_versions))
@@ -119,10 +108,11 @@ class MemoryDriver(Driver):
         record = self._data.get(key)
         if record is None:
             return None
-        if record.expires_at is not None:
-            return self._live(key)
+        if record.expires_at is not None and record.expires_at <= time.time():
+            del self._data[key]
+            return None
         if self._lru is not None:
-            self._lru.move_to_end(key)
+            self._lru.move_to_end(key)  # most recently used goes last
         return record
 
     def put(self, key: str, record: Record) -> None:
@@ -183,7 +173,7 @@ class MemoryDriver(Driver):
             del self._data[key]
 
     async def touch(self, key: str, *, expires_at: float | None) -> bool:
-        record = self._live(key)
+        record = self.peek(key)
         if record is None:
             return False
         self._data[key] = Record(record.value, record.etag, record.mtime, expires_at)
