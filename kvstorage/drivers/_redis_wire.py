@@ -6,6 +6,8 @@ Kept apart from the driver (which owns the layout, the scripts and the errors):
   redis-py's generic packing cost;
 * :func:`round_trip` sends such a command on a connection of the client's own pool and
   reads its reply, with or without the client's retry;
+* :class:`Lane` keeps one of those connections for the calls a driver makes one at a time
+  and talks to it directly (no pool checkout, no task or timer per call beyond one);
 * :class:`ReadBatcher` auto-pipelines concurrent single-key reads into one multi-key read;
 * :func:`glob_escape` escapes a text for Redis glob patterns (``SCAN MATCH``,
   ``PSUBSCRIBE``).
@@ -18,9 +20,18 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ConnectionError, ResponseError, TimeoutError
 
-__all__ = ["INLINE_LIMIT", "ReadBatcher", "glob_escape", "pack_command", "round_trip"]
+try:
+    from redis._parsers import hiredis as _hiredis
+
+    _HIREDIS_PARSER: Any = _hiredis._AsyncHiredisParser
+    NOT_ENOUGH_DATA: Any = _hiredis.NOT_ENOUGH_DATA
+except (ImportError, AttributeError):  # pragma: no cover - another layout: the generic path
+    _HIREDIS_PARSER = NOT_ENOUGH_DATA = None
+
+__all__ = ["INLINE_LIMIT", "Lane", "ReadBatcher", "glob_escape", "pack_command", "round_trip"]
 
 #: Command arguments up to this many bytes are copied into one buffer; larger ones are
 #: sent as separate buffers (no copy).
@@ -82,6 +93,134 @@ async def round_trip(client: Redis, command: Sequence[bytes | str | int], *, res
         raise
     finally:
         await pool.release(connection)
+
+
+def _expire(stream: asyncio.StreamReader, connection: Any) -> None:
+    """A reply took longer than the socket timeout: fail the read waiting for it."""
+    stream.set_exception(TimeoutError(f"Timeout reading from {connection._host_error()}"))
+
+
+class Lane:
+    """One connection of a client's pool, kept by a driver for the calls it makes one at a
+    time (the sequential ``get`` / ``set`` of an application).
+
+    A call through the pool checks a connection out and back in (a lock, observability
+    hooks, a readiness check), writes under ``wait_for`` (a task of its own before Python
+    3.12) and reads under a timeout context: a dozen awaits and several loop iterations.
+    On the lane a call writes to the transport, and reads the reply from the connection's
+    stream into its hiredis reader with one timer for the socket timeout: one loop
+    iteration, the one that waits for the server.
+
+    Calls made while the lane is ``busy`` take the pool as before. The connection is
+    redis-py's (connected, authenticated and health-checked by it), so it follows the
+    client's options. Whatever may leave a reply on the wire (an error other than a
+    complete error reply, a cancellation) disconnects it: the next call reconnects.
+    """
+
+    __slots__ = ("_connection", "_pool", "busy")
+
+    def __init__(self, client: Redis) -> None:
+        self._pool = client.connection_pool
+        self._connection: AbstractConnection | None = None
+        self.busy = False
+
+    @staticmethod
+    def usable(client: Redis) -> bool:
+        """Whether a lane may hold one of ``client``'s connections: not the only one its
+        pool has (the other calls would wait for it)."""
+        return client.connection_pool.max_connections > 1
+
+    async def call(self, packed: list[bytes], *, resend: bool) -> Any:
+        """Send ``packed`` and return its reply; only while not :attr:`busy` (it is busy
+        until the call returns). With ``resend``, the client's retry as in
+        :func:`round_trip`."""
+        self.busy = True
+        try:
+            connection = self._connection
+            if connection is None:
+                connection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+                self._connection = connection
+            if resend:
+                return await connection.retry.call_with_retry(
+                    lambda: self._exchange(connection, packed),
+                    lambda _: connection.disconnect(),
+                )
+            return await self._exchange(connection, packed)
+        except ResponseError:  # a complete reply: the connection is in step
+            raise
+        except BaseException:
+            if self._connection is not None:
+                await self._connection.disconnect(nowait=True)
+            raise
+        finally:
+            self.busy = False
+
+    async def close(self) -> None:
+        """Give the connection back to the pool (disconnected if a call is still on it)."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            if self.busy:
+                await connection.disconnect(nowait=True)
+            await self._pool.release(connection)
+
+    @staticmethod
+    async def _exchange(connection: Any, packed: list[bytes]) -> Any:
+        if not connection.is_connected:
+            await connection.connect()
+        loop = asyncio.get_running_loop()
+        interval = connection.health_check_interval
+        if interval:
+            now = loop.time()
+            if now > connection.next_health_check:
+                await connection.check_health()
+        parser = connection._parser
+        if _HIREDIS_PARSER is None or type(parser) is not _HIREDIS_PARSER:
+            await connection.send_packed_command(packed, check_health=False)
+            return await connection.read_response()
+        transport = connection._writer.transport
+        if transport.is_closing():
+            raise ConnectionError("Connection closed by the server before write")
+        transport.writelines(packed)
+        reader = parser._reader
+        while True:
+            reply = reader.gets()
+            if reply is NOT_ENOUGH_DATA:
+                reply = await _read_reply(connection, reader, loop)
+            if type(reply) is bytes or reply is None:
+                break
+            push = parser._hiredis_PushNotificationType  # RESP3 pushes come in between
+            if push is None or not isinstance(reply, push):
+                if isinstance(reply, ResponseError | ConnectionError):
+                    raise reply
+                break
+            await parser.handle_push_response(reply)
+        if interval:
+            connection.next_health_check = now + interval
+        return reply
+
+
+async def _read_reply(connection: Any, reader: Any, loop: asyncio.AbstractEventLoop) -> Any:
+    """Read from the connection's stream until ``reader`` (hiredis) has a whole reply, in
+    the connection's socket timeout."""
+    stream = connection._reader
+    timeout = connection.socket_timeout
+    timer = loop.call_later(timeout, _expire, stream, connection) if timeout else None
+    try:
+        reply = NOT_ENOUGH_DATA
+        while reply is NOT_ENOUGH_DATA:
+            data = await stream.read(65536)
+            if not data:
+                raise ConnectionError("Connection closed by server.")
+            reader.feed(data)
+            reply = reader.gets()
+        return reply
+    except OSError as exc:
+        raise ConnectionError(
+            f"Error while reading from {connection._host_error()}: {exc}"
+        ) from exc
+    finally:
+        if timer is not None:
+            timer.cancel()
 
 
 class ReadBatcher:

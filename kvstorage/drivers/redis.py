@@ -89,7 +89,7 @@ from redis.exceptions import (
 from ..errors import ConditionFailedError, DriverError, DriverUnavailableError
 from ..keys import normalize_base
 from ..urls import redact_url
-from ._redis_wire import ReadBatcher, glob_escape, round_trip
+from ._redis_wire import Lane, ReadBatcher, glob_escape, pack_command, round_trip
 from .base import (
     Capabilities,
     Driver,
@@ -362,6 +362,7 @@ class RedisDriver(Driver):
         self._options = options
         self._given = client
         self._client: AnyRedis | None = None
+        self._lane: Lane | None = None  # standalone only
         self._lock: asyncio.Lock | None = None
         self._reads = ReadBatcher(self._get_one, self._mget)
         self._unreachable = _Unreachable(self._where, self.name)
@@ -399,6 +400,8 @@ class RedisDriver(Driver):
                     # "cannot be connected" is a RedisClusterException
                     with self._unreachable.including(RedisClusterException):
                         await client.initialize()
+                elif Lane.usable(client):
+                    self._lane = Lane(client)
                 self._client = client
         return self._client
 
@@ -453,6 +456,9 @@ class RedisDriver(Driver):
         :func:`round_trip` (cheaper than redis-py's generic path) on a single server."""
         if isinstance(client, RedisCluster):
             return await client.execute_command(*command)
+        lane = self._lane
+        if lane is not None and not lane.busy:
+            return await lane.call(pack_command(command), resend=True)
         return await round_trip(client, command, resend=True)
 
     async def _once(self, client: AnyRedis, *command: Any) -> Any:
@@ -477,6 +483,9 @@ class RedisDriver(Driver):
                 # path has the client's retry: a connection lost during a slot migration
                 # could still resend the write -- a known gap, rare.)
                 return await client.execute_command(*command)
+        lane = self._lane
+        if lane is not None and not lane.busy:
+            return await lane.call(pack_command(command), resend=False)
         return await round_trip(client, command, resend=False)
 
     # -- single items ---------------------------------------------------------------------
@@ -647,7 +656,7 @@ class RedisDriver(Driver):
                 if await pubsub.get_message(timeout=self._timeout) is None:
                     raise TimeoutError("no reply to PSUBSCRIBE")
             except BaseException:
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
                 raise
         task = asyncio.get_running_loop().create_task(
             self._listen(client, pubsub, emit, len(channel.encode()))
@@ -658,7 +667,7 @@ class RedisDriver(Driver):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
 
         self._watchers.add(stop)
         return stop
@@ -720,6 +729,9 @@ class RedisDriver(Driver):
         for stop in list(self._watchers):
             await stop()
         self._reads.cancel()
+        lane, self._lane = self._lane, None
+        if lane is not None:
+            await lane.close()
         client, self._client = self._client, None
         if client is not None and client is not self._given:
             await client.aclose()
