@@ -18,7 +18,7 @@ from redis.crc import key_slot
 
 from kvstorage import DriverError, DriverUnavailableError, Storage, create_storage
 from kvstorage.drivers import RedisDriver, from_url
-from kvstorage.drivers._redis_wire import glob_escape, pack_command
+from kvstorage.drivers._redis_wire import glob_escape, pack_command, pack_get, pack_set
 from kvstorage.drivers.redis import _pxat
 
 from .backends.redis import unique_base
@@ -544,6 +544,27 @@ def test_commands_are_packed_as_redis_py_packs_them(args: list[str | bytes | int
     except UnicodeEncodeError:  # lone surrogates: keys never hold them (InvalidKeyError)
         return
     assert b"".join(pack_command(command)) == expected
+
+
+@given(
+    st.text(min_size=1),
+    st.binary(max_size=5000),
+    st.one_of(st.none(), st.integers(min_value=0, max_value=2**53)),
+)
+@settings(max_examples=200, deadline=None)
+def test_get_and_set_are_packed_as_redis_py_packs_them(
+    name: str, value: bytes, pxat: int | None
+) -> None:
+    from redis.asyncio.connection import Connection
+
+    try:
+        name.encode()
+    except UnicodeEncodeError:  # lone surrogates: keys never hold them (InvalidKeyError)
+        return
+    pack = Connection().pack_command
+    assert b"".join(pack_get(name)) == b"".join(pack("GET", name))
+    expiry = () if pxat is None else ("PXAT", pxat)
+    assert b"".join(pack_set(name, value, pxat)) == b"".join(pack("SET", name, value, *expiry))
 
 
 # -- secrets in URLs ----------------------------------------------------------------------

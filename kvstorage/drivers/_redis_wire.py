@@ -20,7 +20,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
 from redis.asyncio import Redis
-from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError, ResponseError, TimeoutError
 
 try:
@@ -31,7 +30,16 @@ try:
 except (ImportError, AttributeError):  # pragma: no cover - another layout: the generic path
     _HIREDIS_PARSER = NOT_ENOUGH_DATA = None
 
-__all__ = ["INLINE_LIMIT", "Lane", "ReadBatcher", "glob_escape", "pack_command", "round_trip"]
+__all__ = [
+    "INLINE_LIMIT",
+    "Lane",
+    "ReadBatcher",
+    "glob_escape",
+    "pack_command",
+    "pack_get",
+    "pack_set",
+    "round_trip",
+]
 
 #: Command arguments up to this many bytes are copied into one buffer; larger ones are
 #: sent as separate buffers (no copy).
@@ -61,6 +69,27 @@ def pack_command(command: Sequence[bytes | str | int]) -> list[bytes]:
         else:
             packed.append(b"$%d\r\n%b\r\n" % (len(data), data))
     return packed
+
+
+def pack_get(name: str) -> list[bytes]:
+    """``GET name``, packed as :func:`pack_command` packs it."""
+    data = name.encode()
+    return [b"*2\r\n$3\r\nGET\r\n$%d\r\n%b\r\n" % (len(data), data)]
+
+
+def pack_set(name: str, value: bytes, pxat: int | None) -> list[bytes]:
+    """``SET name value [PXAT pxat]``, packed as :func:`pack_command` packs it."""
+    key = name.encode()
+    if pxat is None:
+        head = b"*3\r\n$3\r\nSET\r\n$%d\r\n%b\r\n" % (len(key), key)
+        tail = b"\r\n"
+    else:
+        head = b"*5\r\n$3\r\nSET\r\n$%d\r\n%b\r\n" % (len(key), key)
+        at = b"%d" % pxat
+        tail = b"\r\n$4\r\nPXAT\r\n$%d\r\n%b\r\n" % (len(at), at)
+    if len(value) > INLINE_LIMIT:
+        return [head, b"$%d\r\n" % len(value), value, tail]
+    return [b"%b$%d\r\n%b%b" % (head, len(value), value, tail)]
 
 
 async def round_trip(client: Redis, command: Sequence[bytes | str | int], *, resend: bool) -> Any:
@@ -95,11 +124,6 @@ async def round_trip(client: Redis, command: Sequence[bytes | str | int], *, res
         await pool.release(connection)
 
 
-def _expire(stream: asyncio.StreamReader, connection: Any) -> None:
-    """A reply took longer than the socket timeout: fail the read waiting for it."""
-    stream.set_exception(TimeoutError(f"Timeout reading from {connection._host_error()}"))
-
-
 class Lane:
     """One connection of a client's pool, kept by a driver for the calls it makes one at a
     time (the sequential ``get`` / ``set`` of an application).
@@ -107,22 +131,26 @@ class Lane:
     A call through the pool checks a connection out and back in (a lock, observability
     hooks, a readiness check), writes under ``wait_for`` (a task of its own before Python
     3.12) and reads under a timeout context: a dozen awaits and several loop iterations.
-    On the lane a call writes to the transport, and reads the reply from the connection's
-    stream into its hiredis reader with one timer for the socket timeout: one loop
-    iteration, the one that waits for the server.
+    On the lane a call writes to the transport and reads the reply from the connection's
+    stream into its hiredis reader: one loop iteration, the one that waits for the server.
 
-    Calls made while the lane is ``busy`` take the pool as before. The connection is
-    redis-py's (connected, authenticated and health-checked by it), so it follows the
-    client's options. Whatever may leave a reply on the wire (an error other than a
-    complete error reply, a cancellation) disconnects it: the next call reconnects.
+    The socket timeout is kept by one watchdog timer per lane instead of a timer per call:
+    it ticks every half timeout while calls are made, and fails the read of a call it has
+    seen in flight for two ticks (so a hung server fails a call after 1 to 1.5 times the
+    timeout). Calls made while the lane is :attr:`busy` take the pool as before. The
+    connection is redis-py's (connected, authenticated and health-checked by it), so it
+    follows the client's options. Whatever may leave a reply on the wire (an error other
+    than a complete error reply, a cancellation) disconnects it: the next call reconnects.
     """
 
-    __slots__ = ("_connection", "_pool", "busy")
+    __slots__ = ("_calls", "_connection", "_pool", "_seen", "_strikes", "_watchdog", "busy")
 
     def __init__(self, client: Redis) -> None:
         self._pool = client.connection_pool
-        self._connection: AbstractConnection | None = None
+        self._connection: Any = None
         self.busy = False
+        self._calls = self._seen = self._strikes = 0
+        self._watchdog: asyncio.TimerHandle | None = None
 
     @staticmethod
     def usable(client: Redis) -> bool:
@@ -132,45 +160,50 @@ class Lane:
 
     async def call(self, packed: list[bytes], *, resend: bool) -> Any:
         """Send ``packed`` and return its reply; only while not :attr:`busy` (it is busy
-        until the call returns). With ``resend``, the client's retry as in
-        :func:`round_trip`."""
+        until the call returns). With ``resend``, a broken connection is retried with the
+        client's retry, as in :func:`round_trip`."""
         self.busy = True
+        self._calls += 1
+        connection = self._connection
         try:
-            connection = self._connection
             if connection is None:
                 connection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
                 self._connection = connection
-            if resend:
+            if self._watchdog is None:
+                self._watch()
+            try:
+                return await self._exchange(connection, packed)
+            except (ResponseError, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                if not resend:
+                    raise
+                failed = [exc]  # replayed as the retry's first failure
+
+                async def attempt() -> Any:
+                    if failed:
+                        raise failed.pop()
+                    return await self._exchange(connection, packed)
+
                 return await connection.retry.call_with_retry(
-                    lambda: self._exchange(connection, packed),
-                    lambda _: connection.disconnect(),
+                    attempt, lambda _: connection.disconnect()
                 )
-            return await self._exchange(connection, packed)
         except ResponseError:  # a complete reply: the connection is in step
             raise
         except BaseException:
-            if self._connection is not None:
-                await self._connection.disconnect(nowait=True)
+            if connection is not None:
+                await connection.disconnect(nowait=True)
             raise
         finally:
             self.busy = False
-
-    async def close(self) -> None:
-        """Give the connection back to the pool (disconnected if a call is still on it)."""
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            if self.busy:
-                await connection.disconnect(nowait=True)
-            await self._pool.release(connection)
 
     @staticmethod
     async def _exchange(connection: Any, packed: list[bytes]) -> Any:
         if not connection.is_connected:
             await connection.connect()
-        loop = asyncio.get_running_loop()
         interval = connection.health_check_interval
         if interval:
-            now = loop.time()
+            now = asyncio.get_running_loop().time()
             if now > connection.next_health_check:
                 await connection.check_health()
         parser = connection._parser
@@ -182,10 +215,20 @@ class Lane:
             raise ConnectionError("Connection closed by the server before write")
         transport.writelines(packed)
         reader = parser._reader
+        stream = connection._reader
         while True:
             reply = reader.gets()
-            if reply is NOT_ENOUGH_DATA:
-                reply = await _read_reply(connection, reader, loop)
+            while reply is NOT_ENOUGH_DATA:
+                try:
+                    data = await stream.read(65536)
+                except OSError as exc:
+                    raise ConnectionError(
+                        f"Error while reading from {connection._host_error()}: {exc}"
+                    ) from exc
+                if not data:
+                    raise ConnectionError("Connection closed by server.")
+                reader.feed(data)
+                reply = reader.gets()
             if type(reply) is bytes or reply is None:
                 break
             push = parser._hiredis_PushNotificationType  # RESP3 pushes come in between
@@ -198,29 +241,35 @@ class Lane:
             connection.next_health_check = now + interval
         return reply
 
+    def _watch(self) -> None:
+        """The watchdog: runs every half socket timeout while calls are made."""
+        connection = self._connection
+        timeout = None if connection is None else connection.socket_timeout
+        if not timeout or (not self.busy and self._calls == self._seen):
+            self._watchdog = None  # idle since the last tick: the next call rearms it
+            return
+        if not self.busy or self._calls != self._seen:
+            self._strikes = 0  # a call started since the last tick
+        else:
+            self._strikes += 1
+            stream = connection._reader
+            if self._strikes >= 2 and stream is not None and stream.exception() is None:
+                where = connection._host_error()
+                stream.set_exception(TimeoutError(f"Timeout reading from {where}"))
+        self._seen = self._calls
+        loop = asyncio.get_running_loop()
+        self._watchdog = loop.call_later(timeout / 2, self._watch)
 
-async def _read_reply(connection: Any, reader: Any, loop: asyncio.AbstractEventLoop) -> Any:
-    """Read from the connection's stream until ``reader`` (hiredis) has a whole reply, in
-    the connection's socket timeout."""
-    stream = connection._reader
-    timeout = connection.socket_timeout
-    timer = loop.call_later(timeout, _expire, stream, connection) if timeout else None
-    try:
-        reply = NOT_ENOUGH_DATA
-        while reply is NOT_ENOUGH_DATA:
-            data = await stream.read(65536)
-            if not data:
-                raise ConnectionError("Connection closed by server.")
-            reader.feed(data)
-            reply = reader.gets()
-        return reply
-    except OSError as exc:
-        raise ConnectionError(
-            f"Error while reading from {connection._host_error()}: {exc}"
-        ) from exc
-    finally:
-        if timer is not None:
-            timer.cancel()
+    async def close(self) -> None:
+        """Give the connection back to the pool (disconnected if a call is still on it)."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            if self.busy:
+                await connection.disconnect(nowait=True)
+            await self._pool.release(connection)
 
 
 class ReadBatcher:

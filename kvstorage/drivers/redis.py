@@ -89,7 +89,15 @@ from redis.exceptions import (
 from ..errors import ConditionFailedError, DriverError, DriverUnavailableError
 from ..keys import normalize_base
 from ..urls import redact_url
-from ._redis_wire import Lane, ReadBatcher, glob_escape, pack_command, round_trip
+from ._redis_wire import (
+    Lane,
+    ReadBatcher,
+    glob_escape,
+    pack_command,
+    pack_get,
+    pack_set,
+    round_trip,
+)
 from .base import (
     Capabilities,
     Driver,
@@ -282,8 +290,13 @@ class _Unreachable:
         traceback: TracebackType | None,
     ) -> None:
         if isinstance(exc, self._errors):
-            message = f"cannot reach {self._where()}: {exc}"
-            raise DriverUnavailableError(message, driver=self._driver) from exc
+            raise self.error(exc) from exc
+
+    def error(self, exc: BaseException) -> DriverUnavailableError:
+        """The error to raise for ``exc``, one of ``errors`` (for a hot path that catches
+        them itself: an ``except`` costs nothing until it catches)."""
+        message = f"cannot reach {self._where()}: {exc}"
+        return DriverUnavailableError(message, driver=self._driver)
 
 
 class RedisDriver(Driver):
@@ -491,8 +504,10 @@ class RedisDriver(Driver):
     # -- single items ---------------------------------------------------------------------
 
     async def get(self, key: str) -> Record | None:
-        with self._unreachable:
+        try:
             data = await self._reads.read(self._ns + key)
+        except _UNREACHABLE as exc:
+            raise self._unreachable.error(exc) from exc
         if data is None:
             return None
         try:
@@ -500,8 +515,14 @@ class RedisDriver(Driver):
         except ValueError:
             raise self._foreign(key) from None
 
-    async def _get_one(self, name: str) -> bytes | None:
-        """``GET name``: a read sent alone by the read batcher."""
+    def _get_one(self, name: str) -> Awaitable[bytes | None]:
+        """``GET name``: a read sent alone by the read batcher (on the lane when free)."""
+        lane = self._lane
+        if lane is not None and not lane.busy:
+            return cast("Awaitable[bytes | None]", lane.call(pack_get(name), resend=True))
+        return self._get_pooled(name)
+
+    async def _get_pooled(self, name: str) -> bytes | None:
         client = self._client or await self._connect()
         return cast("bytes | None", await self._call(client, "GET", name))
 
@@ -534,6 +555,13 @@ class RedisDriver(Driver):
         name = self._ns + key
         data = _pack(value, expires_at)
         px = _pxat(expires_at)
+        lane = self._lane
+        if lane is not None and not lane.busy and not if_absent and if_match is None:
+            try:
+                await lane.call(pack_set(name, data, px), resend=True)
+            except _UNREACHABLE as exc:
+                raise self._unreachable.error(exc) from exc
+            return data[_ETAG].hex()
         expiry = () if px is None else ("PXAT", px)
         with self._unreachable:
             client = self._client or await self._connect()
