@@ -7,6 +7,7 @@ import math
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -21,6 +22,7 @@ from kvstorage.drivers import RedisDriver, from_url
 from kvstorage.drivers._redis_wire import glob_escape, pack_command, pack_get, pack_set
 from kvstorage.drivers.redis import _pxat
 
+from .backends import UVLOOP
 from .backends.redis import unique_base
 from .backends.redis_cluster import RedisCluster as ClusterProcesses
 from .support import reliability
@@ -28,6 +30,13 @@ from .support.helpers import assert_redacted, eventually
 from .support.servers import RedisServer, free_port
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    """Every test here runs on asyncio and on uvloop (the driver writes and reads its
+    connections itself: see ``_redis_wire.Lane``); conftest checks the loop."""
+    return UVLOOP if request.param == "uvloop" else request.param
 
 
 @pytest.fixture
