@@ -22,7 +22,10 @@ or touched, and are left as they are.
 Conditional writes are never resent by redis-py's retry after a broken connection (the
 first may have been applied; see ``RedisDriver._once``). ``GET``, ``SET`` and ``MGET`` on a
 single server are packed by the driver (``_redis_wire.pack_command``, cheaper than redis-py's
-generic packing) and sent on the client's own pool with its retry.
+generic packing) and sent on the client's own pool with its retry. The calls made one at a
+time go on a *lane* (``_redis_wire.Lane``): one connection of that pool kept by the driver,
+written to and read from directly, with no pool checkout and no timer or task per call;
+calls made meanwhile take the pool.
 
 Expiry is an absolute time (``PXAT``, rounded down to the millisecond), so Redis drops a key
 no later than the header says; this needs Redis 6.2+ and clocks on clients and server that
