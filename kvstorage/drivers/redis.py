@@ -470,11 +470,11 @@ class RedisDriver(Driver):
     async def _call(self, client: AnyRedis, *command: Any) -> Any:
         """Run ``command`` with the client's retry: routed by redis-py on a cluster, sent by
         :func:`round_trip` (cheaper than redis-py's generic path) on a single server."""
-        if isinstance(client, RedisCluster):
-            return await client.execute_command(*command)
-        lane = self._lane
+        lane = self._lane  # standalone only
         if lane is not None and not lane.busy:
             return await lane.call(pack_command(command), resend=True)
+        if isinstance(client, RedisCluster):
+            return await client.execute_command(*command)
         return await round_trip(client, command, resend=True)
 
     async def _once(self, client: AnyRedis, *command: Any) -> Any:
@@ -485,6 +485,9 @@ class RedisDriver(Driver):
         would apply its function twice. So a broken connection raises instead (the write
         may or may not have been applied, as for any failed call).
         """
+        lane = self._lane  # standalone only
+        if lane is not None and not lane.busy:
+            return await lane.call(pack_command(command), resend=False)
         if isinstance(client, RedisCluster):
             # Straight to the key's primary, outside the cluster client's retry loop.
             # (Tested by tests/test_faults_network.py::
@@ -499,9 +502,6 @@ class RedisDriver(Driver):
                 # path has the client's retry: a connection lost during a slot migration
                 # could still resend the write -- a known gap, rare.)
                 return await client.execute_command(*command)
-        lane = self._lane
-        if lane is not None and not lane.busy:
-            return await lane.call(pack_command(command), resend=False)
         return await round_trip(client, command, resend=False)
 
     # -- single items ---------------------------------------------------------------------
@@ -607,8 +607,9 @@ class RedisDriver(Driver):
     async def _mget(self, names: list[str]) -> list[bytes | None]:
         """``MGET names`` (one per slot on a cluster), for get_many and the read batcher."""
         client = self._client or await self._connect()
-        if isinstance(client, RedisCluster):  # one MGET per slot, in one pipeline
-            return cast("list[bytes | None]", await client.mget_nonatomic(names))
+        if self._cluster:  # one MGET per slot, in one pipeline
+            cluster = cast(RedisCluster, client)
+            return cast("list[bytes | None]", await cluster.mget_nonatomic(names))
         return cast("list[bytes | None]", await self._call(client, "MGET", *names))
 
     async def get_many(self, keys: Sequence[str]) -> list[Record | None]:
