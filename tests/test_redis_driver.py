@@ -528,6 +528,27 @@ async def test_a_cancelled_call_never_leaves_its_reply_to_the_next(
             assert await store.get_items(["b", "a"]) == {"b": "B", "a": "A"}
 
 
+async def test_a_stalled_reply_times_out_on_the_lane(redis_server: RedisServer, raw: Redis) -> None:
+    # Sequential calls go on the driver's lane, whose socket timeout is kept by one
+    # watchdog timer (ticking every half timeout): a reply that does not come fails the
+    # call after 1 to 1.5 times the timeout, and the next call works on a new connection.
+    store = create_storage(RedisDriver(redis_server.url, base=unique_base(), timeout=0.4))
+    try:
+        await store.set_item("k", "v")
+        for call in (lambda: store.get_item("k"), lambda: store.set_item("k", "w")):
+            await raw.execute_command("CLIENT", "PAUSE", 2000, "ALL")
+            started = time.monotonic()
+            with pytest.raises(DriverUnavailableError, match="Timeout"):
+                await call()
+            assert 0.35 < time.monotonic() - started < 1.2
+            await raw.execute_command("CLIENT", "UNPAUSE")
+            assert await store.get_item("k") in {"v", "w"}
+    finally:
+        await raw.execute_command("CLIENT", "UNPAUSE")
+        await store.clear()
+        await store.dispose()
+
+
 async def test_values_around_the_inline_argument_size(store: Storage) -> None:
     # Command arguments up to 4,096 bytes are copied into one buffer, larger ones sent as
     # they are: both must arrive intact (the stored form adds a 32-byte header).

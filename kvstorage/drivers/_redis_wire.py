@@ -143,7 +143,16 @@ class Lane:
     than a complete error reply, a cancellation) disconnects it: the next call reconnects.
     """
 
-    __slots__ = ("_calls", "_connection", "_pool", "_seen", "_strikes", "_watchdog", "busy")
+    __slots__ = (
+        "_calls",
+        "_connection",
+        "_pool",
+        "_seen",
+        "_strikes",
+        "_watchdog",
+        "_watching",
+        "busy",
+    )
 
     def __init__(self, client: Redis) -> None:
         self._pool = client.connection_pool
@@ -151,6 +160,7 @@ class Lane:
         self.busy = False
         self._calls = self._seen = self._strikes = 0
         self._watchdog: asyncio.TimerHandle | None = None
+        self._watching: asyncio.AbstractEventLoop | None = None  # the watchdog's loop
 
     @staticmethod
     def usable(client: Redis) -> bool:
@@ -169,8 +179,8 @@ class Lane:
             if connection is None:
                 connection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
                 self._connection = connection
-            if self._watchdog is None:
-                self._watch()
+            if self._watchdog is None or self._watching is not asyncio.get_running_loop():
+                self._watch()  # (re)armed: idle, or first used on another loop
             try:
                 return await self._exchange(connection, packed)
             except (ResponseError, asyncio.CancelledError):
@@ -257,7 +267,7 @@ class Lane:
                 where = connection._host_error()
                 stream.set_exception(TimeoutError(f"Timeout reading from {where}"))
         self._seen = self._calls
-        loop = asyncio.get_running_loop()
+        loop = self._watching = asyncio.get_running_loop()
         self._watchdog = loop.call_later(timeout / 2, self._watch)
 
     async def close(self) -> None:
