@@ -583,8 +583,15 @@ class RedisDriver(Driver):
         return data[_ETAG].hex()
 
     async def remove(self, key: str) -> bool:
-        with self._unreachable:
-            removed: int = await (self._client or await self._connect()).unlink(self._ns + key)
+        name = self._ns + key
+        lane = self._lane
+        try:
+            if lane is not None and not lane.busy:
+                removed: int = await lane.call(pack_command(("UNLINK", name)), resend=True)
+            else:
+                removed = await (self._client or await self._connect()).unlink(name)
+        except _UNREACHABLE as exc:
+            raise self._unreachable.error(exc) from exc
         return removed > 0
 
     async def touch(self, key: str, *, expires_at: float | None) -> bool:
