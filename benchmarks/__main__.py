@@ -6,12 +6,12 @@ and the peers, measured in the same run.
     python -m benchmarks --json out.json --plot out.png
     python -m benchmarks --wrappers --drivers none  # only the driver wrappers' overhead
     python -m benchmarks --cache --drivers none     # only the cache workload (on Redis)
+    python -m benchmarks --loop uvloop --drivers redis  # the Python targets on uvloop
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -31,6 +31,7 @@ from kvstorage import Storage, create_storage
 from tests.support.servers import kvstorage_server, moto_server, postgres_server, redis_server
 
 from . import cache, targets, unstorage, wrappers
+from .loops import LOOPS, run_on
 from .report import pivot, ratio
 from .targets import Target
 from .workload import OPERATIONS, Row, best_rounds, run_scaling, run_workload
@@ -322,7 +323,8 @@ def machine() -> str:
     )
 
 
-async def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line's options."""
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks", description=__doc__.split("\n")[0]
     )
@@ -356,12 +358,24 @@ async def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", metavar="PATH", help="write the raw figures as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG bar chart")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--loop",
+        choices=LOOPS,
+        default="asyncio",
+        help="event loop of the Python targets (uvloop: the `fast` extra); default asyncio",
+    )
+    return parser.parse_args(argv)
+
+
+async def main(args: argparse.Namespace) -> int:
     names = ALL if args.drivers == "all" else [d.strip() for d in args.drivers.split(",") if d]
     names = [] if names == ["none"] else names
     n = args.n or (2_000 if args.quick else 10_000)
     rounds = args.rounds or 3
-    console.print(f"[bold]kvstorage benchmarks[/bold] N={n}, best of {rounds} on {machine()}")
+    console.print(
+        f"[bold]kvstorage benchmarks[/bold] N={n}, best of {rounds} on {machine()}, "
+        f"event loop: {args.loop}"
+    )
     rows: list[Row] = []
     wrapper_rows: list[Row] = []
     cache_report: cache.CacheReport | None = None
@@ -405,6 +419,7 @@ async def main(argv: list[str] | None = None) -> int:
     if args.json:
         payload = {
             "machine": machine(),
+            "loop": args.loop,
             "n": n,
             "rounds": rounds,
             "rows": [row.as_dict() for row in rows],
@@ -418,5 +433,11 @@ async def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks``: parse the options and run on the chosen event loop."""
+    args = parse_args(argv)
+    return run_on(args.loop, main(args))
+
+
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    sys.exit(cli())

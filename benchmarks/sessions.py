@@ -13,7 +13,7 @@ way an ASGI server calls it (no HTTP client, see ``_Caller``), for
 
 Every request carries the cookie of one existing session. Run alone with
 ``python -m benchmarks.sessions [--quick] [--redis redis://127.0.0.1:PORT/0]
-[--postgres postgresql://user:password@127.0.0.1:PORT/db]``.
+[--postgres postgresql://user:password@127.0.0.1:PORT/db] [--loop uvloop]``.
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
-import anyio
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from .loops import LOOPS, run_on
 from .report import pivot, ratio
 from .workload import Row, best_rounds
 
@@ -357,9 +357,10 @@ def main() -> None:
     parser.add_argument(
         "--postgres", default=None, help="postgresql://... of a scratch PostgreSQL database"
     )
+    parser.add_argument("--loop", choices=LOOPS, default="asyncio", help="event loop")
     args = parser.parse_args()
-    rows = anyio.run(
-        lambda: run(quick=args.quick, redis_url=args.redis, postgres_url=args.postgres)
+    rows = run_on(
+        args.loop, run(quick=args.quick, redis_url=args.redis, postgres_url=args.postgres)
     )
     lines = pivot(rows)
     for group in dict.fromkeys(line.driver for line in lines):

@@ -7,6 +7,7 @@ import math
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -18,9 +19,10 @@ from redis.crc import key_slot
 
 from kvstorage import DriverError, DriverUnavailableError, Storage, create_storage
 from kvstorage.drivers import RedisDriver, from_url
-from kvstorage.drivers._redis_wire import glob_escape, pack_command
+from kvstorage.drivers._redis_wire import glob_escape, pack_command, pack_get, pack_set
 from kvstorage.drivers.redis import _pxat
 
+from .backends import UVLOOP
 from .backends.redis import unique_base
 from .backends.redis_cluster import RedisCluster as ClusterProcesses
 from .support import reliability
@@ -28,6 +30,13 @@ from .support.helpers import assert_redacted, eventually
 from .support.servers import RedisServer, free_port
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    """Every test here runs on asyncio and on uvloop (the driver writes and reads its
+    connections itself: see ``_redis_wire.Lane``); conftest checks the loop."""
+    return UVLOOP if request.param == "uvloop" else request.param
 
 
 @pytest.fixture
@@ -519,6 +528,27 @@ async def test_a_cancelled_call_never_leaves_its_reply_to_the_next(
             assert await store.get_items(["b", "a"]) == {"b": "B", "a": "A"}
 
 
+async def test_a_stalled_reply_times_out_on_the_lane(redis_server: RedisServer, raw: Redis) -> None:
+    # Sequential calls go on the driver's lane, whose socket timeout is kept by one
+    # watchdog timer (ticking every half timeout): a reply that does not come fails the
+    # call after 1 to 1.5 times the timeout, and the next call works on a new connection.
+    store = create_storage(RedisDriver(redis_server.url, base=unique_base(), timeout=0.4))
+    try:
+        await store.set_item("k", "v")
+        for call in (lambda: store.get_item("k"), lambda: store.set_item("k", "w")):
+            await raw.execute_command("CLIENT", "PAUSE", 2000, "ALL")
+            started = time.monotonic()
+            with pytest.raises(DriverUnavailableError, match="Timeout"):
+                await call()
+            assert 0.35 < time.monotonic() - started < 1.2
+            await raw.execute_command("CLIENT", "UNPAUSE")
+            assert await store.get_item("k") in {"v", "w"}
+    finally:
+        await raw.execute_command("CLIENT", "UNPAUSE")
+        await store.clear()
+        await store.dispose()
+
+
 async def test_values_around_the_inline_argument_size(store: Storage) -> None:
     # Command arguments up to 4,096 bytes are copied into one buffer, larger ones sent as
     # they are: both must arrive intact (the stored form adds a 32-byte header).
@@ -544,6 +574,27 @@ def test_commands_are_packed_as_redis_py_packs_them(args: list[str | bytes | int
     except UnicodeEncodeError:  # lone surrogates: keys never hold them (InvalidKeyError)
         return
     assert b"".join(pack_command(command)) == expected
+
+
+@given(
+    st.text(min_size=1),
+    st.binary(max_size=5000),
+    st.one_of(st.none(), st.integers(min_value=0, max_value=2**53)),
+)
+@settings(max_examples=200, deadline=None)
+def test_get_and_set_are_packed_as_redis_py_packs_them(
+    name: str, value: bytes, pxat: int | None
+) -> None:
+    from redis.asyncio.connection import Connection
+
+    try:
+        name.encode()
+    except UnicodeEncodeError:  # lone surrogates: keys never hold them (InvalidKeyError)
+        return
+    pack = Connection().pack_command
+    assert b"".join(pack_get(name)) == b"".join(pack("GET", name))
+    expiry = () if pxat is None else ("PXAT", pxat)
+    assert b"".join(pack_set(name, value, pxat)) == b"".join(pack("SET", name, value, *expiry))
 
 
 # -- secrets in URLs ----------------------------------------------------------------------

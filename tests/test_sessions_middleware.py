@@ -37,8 +37,8 @@ def driver(make_driver: DriverFactory) -> CountingDriver:
 
 
 @pytest.fixture(params=["asgi", "uvicorn"])
-def transport(request: pytest.FixtureRequest, anyio_backend: str) -> str:
-    if request.param == "uvicorn" and anyio_backend != "asyncio":
+def transport(request: pytest.FixtureRequest, anyio_backend_name: str) -> str:
+    if request.param == "uvicorn" and anyio_backend_name != "asyncio":
         pytest.skip("uvicorn serves on asyncio only")
     kind: str = request.param
     return kind

@@ -22,7 +22,10 @@ or touched, and are left as they are.
 Conditional writes are never resent by redis-py's retry after a broken connection (the
 first may have been applied; see ``RedisDriver._once``). ``GET``, ``SET`` and ``MGET`` on a
 single server are packed by the driver (``_redis_wire.pack_command``, cheaper than redis-py's
-generic packing) and sent on the client's own pool with its retry.
+generic packing) and sent on the client's own pool with its retry. The calls made one at a
+time go on a *lane* (``_redis_wire.Lane``): one connection of that pool kept by the driver,
+written to and read from directly, with no pool checkout and no timer or task per call;
+calls made meanwhile take the pool.
 
 Expiry is an absolute time (``PXAT``, rounded down to the millisecond), so Redis drops a key
 no later than the header says; this needs Redis 6.2+ and clocks on clients and server that
@@ -89,7 +92,15 @@ from redis.exceptions import (
 from ..errors import ConditionFailedError, DriverError, DriverUnavailableError
 from ..keys import normalize_base
 from ..urls import redact_url
-from ._redis_wire import ReadBatcher, glob_escape, round_trip
+from ._redis_wire import (
+    Lane,
+    ReadBatcher,
+    glob_escape,
+    pack_command,
+    pack_get,
+    pack_set,
+    round_trip,
+)
 from .base import (
     Capabilities,
     Driver,
@@ -282,8 +293,13 @@ class _Unreachable:
         traceback: TracebackType | None,
     ) -> None:
         if isinstance(exc, self._errors):
-            message = f"cannot reach {self._where()}: {exc}"
-            raise DriverUnavailableError(message, driver=self._driver) from exc
+            raise self.error(exc) from exc
+
+    def error(self, exc: BaseException) -> DriverUnavailableError:
+        """The error to raise for ``exc``, one of ``errors`` (for a hot path that catches
+        them itself: an ``except`` costs nothing until it catches)."""
+        message = f"cannot reach {self._where()}: {exc}"
+        return DriverUnavailableError(message, driver=self._driver)
 
 
 class RedisDriver(Driver):
@@ -362,6 +378,7 @@ class RedisDriver(Driver):
         self._options = options
         self._given = client
         self._client: AnyRedis | None = None
+        self._lane: Lane | None = None  # standalone only
         self._lock: asyncio.Lock | None = None
         self._reads = ReadBatcher(self._get_one, self._mget)
         self._unreachable = _Unreachable(self._where, self.name)
@@ -399,6 +416,8 @@ class RedisDriver(Driver):
                     # "cannot be connected" is a RedisClusterException
                     with self._unreachable.including(RedisClusterException):
                         await client.initialize()
+                elif Lane.usable(client):
+                    self._lane = Lane(client)
                 self._client = client
         return self._client
 
@@ -451,6 +470,9 @@ class RedisDriver(Driver):
     async def _call(self, client: AnyRedis, *command: Any) -> Any:
         """Run ``command`` with the client's retry: routed by redis-py on a cluster, sent by
         :func:`round_trip` (cheaper than redis-py's generic path) on a single server."""
+        lane = self._lane  # standalone only
+        if lane is not None and not lane.busy:
+            return await lane.call(pack_command(command), resend=True)
         if isinstance(client, RedisCluster):
             return await client.execute_command(*command)
         return await round_trip(client, command, resend=True)
@@ -463,6 +485,9 @@ class RedisDriver(Driver):
         would apply its function twice. So a broken connection raises instead (the write
         may or may not have been applied, as for any failed call).
         """
+        lane = self._lane  # standalone only
+        if lane is not None and not lane.busy:
+            return await lane.call(pack_command(command), resend=False)
         if isinstance(client, RedisCluster):
             # Straight to the key's primary, outside the cluster client's retry loop.
             # (Tested by tests/test_faults_network.py::
@@ -482,8 +507,10 @@ class RedisDriver(Driver):
     # -- single items ---------------------------------------------------------------------
 
     async def get(self, key: str) -> Record | None:
-        with self._unreachable:
+        try:
             data = await self._reads.read(self._ns + key)
+        except _UNREACHABLE as exc:
+            raise self._unreachable.error(exc) from exc
         if data is None:
             return None
         try:
@@ -491,8 +518,14 @@ class RedisDriver(Driver):
         except ValueError:
             raise self._foreign(key) from None
 
-    async def _get_one(self, name: str) -> bytes | None:
-        """``GET name``: a read sent alone by the read batcher."""
+    def _get_one(self, name: str) -> Awaitable[bytes | None]:
+        """``GET name``: a read sent alone by the read batcher (on the lane when free)."""
+        lane = self._lane
+        if lane is not None and not lane.busy:
+            return cast("Awaitable[bytes | None]", lane.call(pack_get(name), resend=True))
+        return self._get_pooled(name)
+
+    async def _get_pooled(self, name: str) -> bytes | None:
         client = self._client or await self._connect()
         return cast("bytes | None", await self._call(client, "GET", name))
 
@@ -525,6 +558,13 @@ class RedisDriver(Driver):
         name = self._ns + key
         data = _pack(value, expires_at)
         px = _pxat(expires_at)
+        lane = self._lane
+        if lane is not None and not lane.busy and not if_absent and if_match is None:
+            try:
+                await lane.call(pack_set(name, data, px), resend=True)
+            except _UNREACHABLE as exc:
+                raise self._unreachable.error(exc) from exc
+            return data[_ETAG].hex()
         expiry = () if px is None else ("PXAT", px)
         with self._unreachable:
             client = self._client or await self._connect()
@@ -543,8 +583,15 @@ class RedisDriver(Driver):
         return data[_ETAG].hex()
 
     async def remove(self, key: str) -> bool:
-        with self._unreachable:
-            removed: int = await (self._client or await self._connect()).unlink(self._ns + key)
+        name = self._ns + key
+        lane = self._lane
+        try:
+            if lane is not None and not lane.busy:
+                removed: int = await lane.call(pack_command(("UNLINK", name)), resend=True)
+            else:
+                removed = await (self._client or await self._connect()).unlink(name)
+        except _UNREACHABLE as exc:
+            raise self._unreachable.error(exc) from exc
         return removed > 0
 
     async def touch(self, key: str, *, expires_at: float | None) -> bool:
@@ -567,8 +614,9 @@ class RedisDriver(Driver):
     async def _mget(self, names: list[str]) -> list[bytes | None]:
         """``MGET names`` (one per slot on a cluster), for get_many and the read batcher."""
         client = self._client or await self._connect()
-        if isinstance(client, RedisCluster):  # one MGET per slot, in one pipeline
-            return cast("list[bytes | None]", await client.mget_nonatomic(names))
+        if self._cluster:  # one MGET per slot, in one pipeline
+            cluster = cast(RedisCluster, client)
+            return cast("list[bytes | None]", await cluster.mget_nonatomic(names))
         return cast("list[bytes | None]", await self._call(client, "MGET", *names))
 
     async def get_many(self, keys: Sequence[str]) -> list[Record | None]:
@@ -720,6 +768,9 @@ class RedisDriver(Driver):
         for stop in list(self._watchers):
             await stop()
         self._reads.cancel()
+        lane, self._lane = self._lane, None
+        if lane is not None:
+            await lane.close()
         client, self._client = self._client, None
         if client is not None and client is not self._given:
             await client.aclose()

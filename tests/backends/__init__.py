@@ -30,6 +30,12 @@ from kvstorage.drivers import (
 
 DriverFactory = Callable[[], Driver]
 
+#: anyio's backend for a run on uvloop's event loop (the ``fast`` extra).
+UVLOOP = ("asyncio", {"use_uvloop": True})
+#: The drivers whose matrix tests also run on uvloop (backend ``"uvloop"``): the in-process
+#: reference and the driver with a hand-written wire path (the lane).
+UVLOOP_DRIVERS = ("memory", "redis")
+
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 
