@@ -52,6 +52,7 @@ from ._layout import (
     parse_header,
 )
 from ._watch import Watcher
+from ._worker import WORKERS, WouldBlock, in_worker
 
 __all__ = ["FSDriver"]
 
@@ -200,7 +201,12 @@ class FSDriver(Driver):
     # -- plumbing (everything below runs in a worker thread) ----------------------------
 
     async def _run(self, func: Callable[..., _T], *args: object) -> _T:
+        """A batch or a listing chunk: one hop to a thread of its own."""
         return await anyio.to_thread.run_sync(func, *args)
+
+    async def _run_one(self, func: Callable[..., _T], *args: object) -> _T:
+        """An operation on one key: in the shared worker threads (see ``_worker``)."""
+        return await WORKERS.run(func, *args)
 
     def _check_writable(self) -> None:
         if self.read_only:
@@ -311,15 +317,26 @@ class FSDriver(Driver):
 
     @contextlib.contextmanager
     def _lock(self, key: str) -> Iterator[None]:
-        """Hold the in-process and the cross-process lock for writing ``key``."""
+        """Hold the in-process and the cross-process lock for writing ``key``. A worker
+        thread does not wait for them: it raises :class:`WouldBlock` instead (so a lock
+        held for long, by a stopped process say, never stalls the other keys' calls)."""
         stripe = zlib.crc32(key.encode()) % _STRIPES
-        with self._stripes[stripe]:
+        local = self._stripes[stripe]
+        wait = not in_worker()
+        if not local.acquire(blocking=wait):
+            raise WouldBlock
+        try:
             fd = self._lock_fd(stripe)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise WouldBlock from None
             try:
                 yield
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            local.release()
 
     def _lock_fd(self, stripe: int) -> int:
         fd = self._lock_fds.get(stripe)
@@ -464,13 +481,13 @@ class FSDriver(Driver):
         return etag(found[0])
 
     async def get(self, key: str) -> Record | None:
-        return await self._run(self._get, key)
+        return await self._run_one(self._get, key)
 
     async def get_many(self, keys: Sequence[str]) -> list[Record | None]:
         return await self._run(self._get_many, keys)
 
     async def head(self, key: str) -> Stat | None:
-        return await self._run(self._head, key)
+        return await self._run_one(self._head, key)
 
     # -- writing ------------------------------------------------------------------------
 
@@ -576,7 +593,7 @@ class FSDriver(Driver):
         if_match: str | None = None,
     ) -> str:
         self._check_writable()
-        return await self._run(self._set, key, value, expires_at, if_absent, if_match)
+        return await self._run_one(self._set, key, value, expires_at, if_absent, if_match)
 
     async def set_many(
         self, items: Sequence[tuple[str, bytes]], *, expires_at: float | None = None
@@ -587,15 +604,23 @@ class FSDriver(Driver):
 
     async def touch(self, key: str, *, expires_at: float | None) -> bool:
         self._check_writable()
-        return await self._run(self._touch, key, expires_at)
+        return await self._run_one(self._touch, key, expires_at)
 
     # -- removing -----------------------------------------------------------------------
 
     def _unlink(self, dirs: Dirs, name: str) -> bool:
         """Delete a value (the caller holds its lock); True if it was live."""
-        live = self._liveness(dirs, name)
-        if live is None:
+        try:
+            st = os.stat(name, dir_fd=dirs.fd, follow_symlinks=False)
+        except FileNotFoundError:
             return False
+        if stat_mode.S_ISREG(st.st_mode) and not marked(dirs.fd):
+            live = True  # no header to read: files with one are only in marked directories
+        else:  # reads the header; refuses links and what is not a regular file
+            found = self._liveness(dirs, name)
+            if found is None:
+                return False
+            live = found
         try:
             try:
                 os.unlink(name, dir_fd=dirs.fd)
@@ -623,12 +648,15 @@ class FSDriver(Driver):
         finally:
             dirs.prune()
 
+    def _remove(self, key: str) -> bool:
+        return self._locked(key, functools.partial(self._remove_one, key))
+
     def _remove_many(self, keys: Sequence[str]) -> int:
-        return sum(self._locked(key, functools.partial(self._remove_one, key)) for key in keys)
+        return sum(self._remove(key) for key in keys)
 
     async def remove(self, key: str) -> bool:
         self._check_writable()
-        return bool(await self._run(self._remove_many, [key]))
+        return await self._run_one(self._remove, key)
 
     async def remove_many(self, keys: Sequence[str]) -> int:
         self._check_writable()
