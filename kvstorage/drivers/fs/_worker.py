@@ -17,6 +17,7 @@ the cancellation goes on. Callers on other event loops than asyncio (trio) take 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import queue
 import threading
@@ -82,7 +83,17 @@ class _Call(Generic[_T]):
     """One operation: queued, claimed by a worker (or by a cancelled caller, so it never
     runs), run, finished on the loop."""
 
-    __slots__ = ("args", "claim", "error", "finished", "func", "future", "inbox", "result", "waiter")
+    __slots__ = (
+        "args",
+        "claim",
+        "error",
+        "finished",
+        "func",
+        "future",
+        "inbox",
+        "result",
+        "waiter",
+    )
 
     def __init__(
         self,
@@ -130,7 +141,7 @@ class Workers:
         self.count = count
         self._queue: queue.SimpleQueue[_Call[Any]] = queue.SimpleQueue()
         self._guard = threading.Lock()
-        self._started_in: int | None = None  # pid
+        self._started = False
         self._inbox: tuple[asyncio.AbstractEventLoop, _Inbox] | None = None
         self._inboxes: dict[asyncio.AbstractEventLoop, _Inbox] = {}
 
@@ -138,26 +149,28 @@ class Workers:
         """``func(*args)`` in a worker thread (in a thread of its own if it raises
         :class:`WouldBlock`, and on event loops other than asyncio)."""
         try:
-            on_asyncio = asyncio.current_task() is not None
-        except RuntimeError:  # no asyncio loop in this thread: trio
-            on_asyncio = False
-        if not on_asyncio:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # trio
+            loop = None
+        if loop is None or asyncio.current_task(loop) is None:  # trio, or its guest mode
             return await anyio.to_thread.run_sync(func, *args)
         try:
-            return await self._run(func, args)
+            return await self._run(loop, func, args)
         except WouldBlock:
             return await anyio.to_thread.run_sync(func, *args)
 
-    async def _run(self, func: Callable[..., _T], args: tuple[object, ...]) -> _T:
-        loop = asyncio.get_running_loop()
+    async def _run(
+        self, loop: asyncio.AbstractEventLoop, func: Callable[..., _T], args: tuple[object, ...]
+    ) -> _T:
         last = self._inbox
         inbox = last[1] if last is not None and last[0] is loop else self._inbox_of(loop)
-        call = _Call(func, args, loop.create_future(), inbox)
-        if self._started_in != os.getpid():
+        future: asyncio.Future[_T] = loop.create_future()
+        call = _Call(func, args, future, inbox)
+        if not self._started:
             self._start()
         self._queue.put(call)
         try:
-            return await call.future
+            return await future
         except asyncio.CancelledError:
             if call.claim.acquire(blocking=False):
                 raise  # it never runs
@@ -170,10 +183,8 @@ class Workers:
         with anyio.CancelScope(shield=True):
             while not call.finished:
                 call.waiter = loop.create_future()
-                try:
+                with contextlib.suppress(asyncio.CancelledError):
                     await call.waiter
-                except asyncio.CancelledError:
-                    pass
 
     def _inbox_of(self, loop: asyncio.AbstractEventLoop) -> _Inbox:
         with self._guard:
@@ -187,18 +198,20 @@ class Workers:
 
     def _start(self) -> None:
         with self._guard:
-            pid = os.getpid()
-            if self._started_in == pid:
-                return
-            if self._started_in is not None:  # a forked child: the threads stayed behind
-                self._queue = queue.SimpleQueue()
-                self._inboxes.clear()
-                self._inbox = None
-            for index in range(self.count):
-                threading.Thread(
-                    target=self._work, name=f"kvstorage-fs-{index}", daemon=True
-                ).start()
-            self._started_in = pid
+            if not self._started:
+                for index in range(self.count):
+                    threading.Thread(
+                        target=self._work, name=f"kvstorage-fs-{index}", daemon=True
+                    ).start()
+                self._started = True
+
+    def _forked(self) -> None:
+        """(in a forked child) The threads stayed behind: start afresh when needed."""
+        self._queue = queue.SimpleQueue()
+        self._guard = threading.Lock()
+        self._inboxes.clear()
+        self._inbox = None
+        self._started = False
 
     def _work(self) -> None:
         _local.worker = True
@@ -229,3 +242,4 @@ class Workers:
 
 
 WORKERS = Workers(2)
+os.register_at_fork(after_in_child=WORKERS._forked)
