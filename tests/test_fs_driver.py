@@ -324,6 +324,26 @@ async def test_symlinks_never_lead_outside_base(
     assert not (base / "leak").is_symlink()
 
 
+async def test_nested_reads_refuse_what_top_level_reads_refuse(
+    storage: Storage, base: Path, tmp_path: Path
+) -> None:
+    # Reads below the top level open the file in one call where the system can (openat2).
+    await storage.set_item("d:a", "a")
+    await storage.set_item("d:a:b", "b")  # d/a becomes a directory holding d/a/:value
+    assert await storage.get_item("d:a") == "a"
+    meta = await storage.get_meta("d:a")
+    assert meta is not None and meta.size == 3
+    (tmp_path / "secret").write_bytes(b'"secret"')
+    (base / "d" / "link").symlink_to(tmp_path / "secret")
+    with pytest.raises(DriverError, match="symbolic link"):
+        await storage.get_item("d:link")
+    os.mkfifo(base / "d" / "fifo")
+    with pytest.raises(DriverError, match="not a regular file"):
+        await storage.get_item("d:fifo")
+    assert await storage.get_item("d:a:b:c") is None  # d/a/b is a file
+    assert await storage.get_item("d:missing:x") is None
+
+
 @pytest.mark.parametrize("key", ["..", "a:..", ".", "a/b", "", "a::b", "x\x00"])
 async def test_driver_rejects_path_like_keys(driver: FSDriver, key: str) -> None:
     with pytest.raises(InvalidKeyError):

@@ -32,6 +32,7 @@ from ._dirs import (
     make_dir,
     mark,
     marked,
+    open_beneath,
     open_marker,
     open_regular,
     remove_dir,
@@ -49,6 +50,7 @@ from ._layout import (
     etag,
     file_path,
     header,
+    joined_path,
     parse_header,
 )
 from ._watch import Watcher
@@ -426,17 +428,35 @@ class FSDriver(Driver):
 
     # -- reading ------------------------------------------------------------------------
 
-    def _read(self, key: str, full: bool) -> tuple[os.stat_result, bytes, int, float | None] | None:
-        """(stat, data, header length, expires_at); ``data`` is only the header unless
-        ``full``."""
+    def _open_key(self, key: str) -> tuple[int, os.stat_result] | None:
+        """Open the value file of ``key`` for reading (None if missing): in one system
+        call where the system can, else directory by directory."""
         parts, name = file_path(key)
+        if parts:
+            base_fd = self._base(create=False)
+            if base_fd is None:
+                return None
+            try:
+                fd = open_beneath(base_fd, joined_path(key))
+            except FileNotFoundError:
+                return None
+            if fd is not None:
+                st = os.fstat(fd)
+                if stat_mode.S_ISREG(st.st_mode):
+                    return fd, st
+                os.close(fd)  # a directory holding the value, or something to refuse
         dirs = self._open_dirs(parts, create=False)
         if dirs is None:
             return None
         try:
-            found = self._open_value(dirs, name)
+            return self._open_value(dirs, name)
         finally:
             dirs.close()
+
+    def _read(self, key: str, full: bool) -> tuple[os.stat_result, bytes, int, float | None] | None:
+        """(stat, data, header length, expires_at); ``data`` is only the header unless
+        ``full``."""
+        found = self._open_key(key)
         if found is None:
             return None
         fd, st = found
