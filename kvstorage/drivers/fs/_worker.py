@@ -142,6 +142,9 @@ class Workers:
         self._queue: queue.SimpleQueue[_Call[Any]] = queue.SimpleQueue()
         self._guard = threading.Lock()
         self._started = False
+        self._wanted = threading.Lock()  # released to call in a helper
+        self._wanted.acquire()
+        self._helping = True  # until a helper waits
         self._inbox: tuple[asyncio.AbstractEventLoop, _Inbox] | None = None
         self._inboxes: dict[asyncio.AbstractEventLoop, _Inbox] = {}
 
@@ -168,6 +171,10 @@ class Workers:
         call = _Call(func, args, future, inbox)
         if not self._started:
             self._start()
+        if not self._helping and self._queue.qsize():  # a backlog: call in the helpers
+            self._helping = True
+            with contextlib.suppress(RuntimeError):  # another loop's thread did
+                self._wanted.release()
         self._queue.put(call)
         try:
             return await future
@@ -201,7 +208,10 @@ class Workers:
             if not self._started:
                 for index in range(self.count):
                     threading.Thread(
-                        target=self._work, name=f"kvstorage-fs-{index}", daemon=True
+                        target=self._work,
+                        args=(index == 0,),
+                        name=f"kvstorage-fs-{index}",
+                        daemon=True,
                     ).start()
                 self._started = True
 
@@ -209,11 +219,17 @@ class Workers:
         """(in a forked child) The threads stayed behind: start afresh when needed."""
         self._queue = queue.SimpleQueue()
         self._guard = threading.Lock()
+        self._wanted = threading.Lock()
+        self._wanted.acquire()
+        self._helping = True
         self._inboxes.clear()
         self._inbox = None
         self._started = False
 
-    def _work(self) -> None:
+    def _work(self, primary: bool) -> None:
+        """Run calls until the process ends. The primary worker waits for calls; the
+        helpers wait to be called in (by a caller finding calls queued) and help until the
+        queue is empty: one call at a time wakes one thread only."""
         _local.worker = True
         get = self._queue.get
         held: _Inbox | None = None  # of the finished calls its loop was not woken for
@@ -225,6 +241,10 @@ class Workers:
                 if held is not None:
                     held.ring()
                     held, count = None, 0
+                if not primary:
+                    self._helping = False
+                    self._wanted.acquire()
+                    continue
                 call = get()
             if not call.claim.acquire(blocking=False):
                 continue  # its caller was cancelled before it started
