@@ -193,11 +193,7 @@ def open_marker(dir_fd: int, name: str, mode: int) -> int:
 
 def marked(dir_fd: int) -> bool:
     """Whether the directory may hold files with a TTL header."""
-    try:
-        os.stat(TTL_MARK, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    return True
+    return os.access(TTL_MARK, os.F_OK, dir_fd=dir_fd, follow_symlinks=False)
 
 
 def mark(dir_fd: int, mode: int) -> None:

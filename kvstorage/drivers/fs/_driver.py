@@ -319,7 +319,16 @@ class FSDriver(Driver):
 
     @contextlib.contextmanager
     def _lock(self, key: str) -> Iterator[None]:
-        """Hold the in-process and the cross-process lock for writing ``key``. A worker
+        """Hold the in-process and the cross-process lock for writing ``key``."""
+        held = self._acquire(key)
+        try:
+            yield
+        finally:
+            self._release(held)
+
+    def _acquire(self, key: str) -> tuple[int, int]:
+        """Take the locks of ``key``; return its stripe and lock file (for
+        :meth:`_release`). A worker
         thread does not wait for them: it raises :class:`WouldBlock` instead (so a lock
         held for long, by a stopped process say, never stalls the other keys' calls)."""
         stripe = zlib.crc32(key.encode()) % _STRIPES
@@ -329,16 +338,21 @@ class FSDriver(Driver):
             raise WouldBlock
         try:
             fd = self._lock_fd(stripe)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise WouldBlock from None
-            try:
-                yield
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
             local.release()
+            raise WouldBlock from None
+        except BaseException:
+            local.release()
+            raise
+        return stripe, fd
+
+    def _release(self, held: tuple[int, int]) -> None:
+        stripe, fd = held
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            self._stripes[stripe].release()
 
     def _lock_fd(self, stripe: int) -> int:
         fd = self._lock_fds.get(stripe)
@@ -362,8 +376,11 @@ class FSDriver(Driver):
         (done holding only that file's lock: a thread never holds two key locks)."""
         for _ in range(_ATTEMPTS):
             try:
-                with self._lock(key):
+                held = self._acquire(key)
+                try:
                     return operation()
+                finally:
+                    self._release(held)
             except _Retry:
                 self._forget_deleted_base()
             except _NeedsDirectory as needed:
