@@ -646,6 +646,24 @@ async def test_workers_drop_calls_cancelled_before_they_start(anyio_backend: str
     assert ran == ["later"]
 
 
+async def test_a_slow_call_does_not_hold_up_the_next(anyio_backend: str) -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def slow() -> None:
+        started.set()
+        release.wait(5)
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(WORKERS.run, slow)
+        assert await anyio.to_thread.run_sync(started.wait, 5)
+        try:
+            with anyio.fail_after(2):
+                assert await WORKERS.run(int, "7") == 7
+            assert not release.is_set()
+        finally:
+            release.set()
+
+
 async def test_a_cancelled_caller_waits_for_its_running_call(anyio_backend: str) -> None:
     started, release = threading.Event(), threading.Event()
     order: list[str] = []

@@ -145,6 +145,7 @@ class Workers:
         self._wanted = threading.Lock()  # released to call in a helper
         self._wanted.acquire()
         self._helping = True  # until a helper waits
+        self._busy = False  # the primary worker runs a call
         self._inbox: tuple[asyncio.AbstractEventLoop, _Inbox] | None = None
         self._inboxes: dict[asyncio.AbstractEventLoop, _Inbox] = {}
 
@@ -171,7 +172,7 @@ class Workers:
         call = _Call(func, args, future, inbox)
         if not self._started:
             self._start()
-        if not self._helping and self._queue.qsize():  # a backlog: call in the helpers
+        if not self._helping and (self._busy or self._queue.qsize()):  # call in a helper
             self._helping = True
             with contextlib.suppress(RuntimeError):  # another loop's thread did
                 self._wanted.release()
@@ -222,14 +223,16 @@ class Workers:
         self._wanted = threading.Lock()
         self._wanted.acquire()
         self._helping = True
+        self._busy = False
         self._inboxes.clear()
         self._inbox = None
         self._started = False
 
     def _work(self, primary: bool) -> None:
         """Run calls until the process ends. The primary worker waits for calls; the
-        helpers wait to be called in (by a caller finding calls queued) and help until the
-        queue is empty: one call at a time wakes one thread only."""
+        helpers wait to be called in (by a caller finding the primary busy or calls
+        queued) and help until the queue is empty: calls one at a time wake one thread
+        only, and a slow call does not hold up the next."""
         _local.worker = True
         get = self._queue.get
         held: _Inbox | None = None  # of the finished calls its loop was not woken for
@@ -238,6 +241,8 @@ class Workers:
             try:
                 call = get(block=False)
             except queue.Empty:
+                if primary:
+                    self._busy = False  # before ringing: the loop's next call finds it idle
                 if held is not None:
                     held.ring()
                     held, count = None, 0
@@ -246,6 +251,7 @@ class Workers:
                     self._wanted.acquire()
                     continue
                 call = get()
+                self._busy = True
             if not call.claim.acquire(blocking=False):
                 continue  # its caller was cancelled before it started
             call.run()
