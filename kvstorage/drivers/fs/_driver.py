@@ -62,6 +62,7 @@ _T = TypeVar("_T")
 
 _STRIPES = 64  # lock files (and in-process locks) shared by all keys
 _CHUNK = 512  # keys per worker-thread hop when listing
+_KEYS_PER_TICK = 128  # keys a listing hands on per event-loop iteration (its lag < 1 ms)
 _LAZY_LEVELS = 4  # listing reads deeper directories at once to bound open descriptors
 _ATTEMPTS = 20  # of a write whose directories change under it
 
@@ -808,7 +809,9 @@ class FSDriver(Driver):
 
         try:
             while keys := await self._run(chunk):
-                for key in keys:
+                for index, key in enumerate(keys):
+                    if index and not index % _KEYS_PER_TICK:
+                        await anyio.lowlevel.checkpoint()
                     yield key
         finally:
             walk.close()

@@ -1,4 +1,4 @@
-"""The worker threads of the fs driver: a few long-lived threads run its short operations
+"""The worker threads of the fs driver: two long-lived threads run its short operations
 (one key each) for asyncio callers, instead of one ``anyio.to_thread.run_sync`` hop per
 call.
 
@@ -6,7 +6,9 @@ A call is queued for the workers; the calls queued while the workers are busy ar
 without waking anyone, and the results go back to the event loop in batches: a worker
 wakes the loop once for up to :data:`_BATCH` results, or when it runs out of work. So a
 hundred concurrent reads cost a few wake-ups of each side, not a hundred hops, and the
-loop never waits on a file: it only resolves futures.
+loop never waits on a file: it only resolves futures. The primary worker waits for calls;
+the helper is called in only while the primary is busy, so calls made one at a time wake
+one thread each (two threads waiting on one queue would both wake).
 
 A cancelled caller never leaves half an operation behind: a call not started yet never
 runs, and one already running is waited for (as ``anyio.to_thread.run_sync`` does) before
@@ -37,7 +39,8 @@ _BATCH = 16  # results a worker holds back before it wakes the event loop
 
 class WouldBlock(Exception):
     """Raised by an operation in a worker thread instead of waiting for a lock another
-    thread or process holds: the call is then run again in a thread of its own."""
+    thread or process holds: the call is then run again in a thread of its own, so it
+    must be raised before the operation changed anything."""
 
 
 _local = threading.local()
