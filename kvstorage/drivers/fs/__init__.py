@@ -81,10 +81,10 @@ Threads
 -------
 No file is touched on the event loop. On asyncio, calls on one key (``get``, ``head``,
 ``set``, ``remove``, ``touch``) run in two worker threads shared by the process
-(``_worker``): a primary one, and a helper called in when calls queue up. The calls made
-while the workers are busy are taken without waking a thread each, and results go back to
-the loop in batches, so a hundred concurrent reads cost a few wake-ups, not a hundred
-thread hops. A worker never waits for a key's lock (held by another process, say): that
+(``_worker``): a primary one, and a helper called in while the primary is busy. The calls
+made while the workers are busy are taken without waking a thread each, and results go
+back to the loop in batches, so a hundred concurrent reads cost a few wake-ups, not a
+hundred thread hops. A worker never waits for a key's lock (held by another process, say): that
 call moves to a thread of its own, so the other keys' calls go on. A cancelled caller
 never leaves half an operation: a call not started never runs, a running one is waited
 for. Batches, listing chunks, ``clear`` and ``sweep`` take one ``anyio.to_thread`` hop
