@@ -329,9 +329,9 @@ class FSDriver(Driver):
 
     def _acquire(self, key: str) -> tuple[int, int]:
         """Take the locks of ``key``; return its stripe and lock file (for
-        :meth:`_release`). A worker
-        thread does not wait for them: it raises :class:`WouldBlock` instead (so a lock
-        held for long, by a stopped process say, never stalls the other keys' calls)."""
+        :meth:`_release`). A worker thread does not wait for them: it raises
+        :class:`WouldBlock` instead (so a lock held for long, by a stopped process say,
+        never stalls the other keys' calls)."""
         stripe = zlib.crc32(key.encode()) % _STRIPES
         local = self._stripes[stripe]
         wait = not in_worker()
