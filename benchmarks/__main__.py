@@ -32,7 +32,7 @@ from tests.support.servers import kvstorage_server, moto_server, postgres_server
 
 from . import cache, targets, unstorage, wrappers
 from .loops import LOOPS, run_on
-from .report import pivot, ratio
+from .report import lag, pivot, ratio
 from .targets import Target
 from .workload import OPERATIONS, Row, best_rounds, run_scaling, run_workload
 
@@ -257,9 +257,12 @@ def render(rows: list[Row]) -> None:
         mine = [line for line in lines if line.driver == driver]
         names = list(dict.fromkeys(name for line in mine for name in line.others))
         peaks = any(line.ours.peak_mb is not None for line in mine)
+        lags = any(line.ours.lag_ms is not None for line in mine)
         table = Table(title=f"{driver} (ops/s; batches and listing count keys)")
         table.add_column("operation")
         table.add_column("kvstorage", justify="right")
+        if lags:
+            table.add_column("loop lag p99/max ms", justify="right")
         for name in names:
             table.add_column(name, justify="right")
             table.add_column("ours/" + name.split()[0], justify="right")
@@ -267,6 +270,8 @@ def render(rows: list[Row]) -> None:
             table.add_column("peak MiB", justify="right")
         for line in mine:
             cells = [line.operation, f"{line.ours.ops:,.0f}"]
+            if lags:
+                cells.append(lag(line.ours))
             for name in names:
                 other = line.others.get(name)
                 cells += [

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .report import pivot, ratio
+from .report import lag, pivot, ratio
 from .workload import Row
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -24,15 +24,16 @@ def table(payload: dict[str, Any]) -> str:
     lines = [
         f"Measured on {payload['machine']}, N = {payload['n']:,}.",
         "",
-        "| driver | operation | kvstorage ops/s | raw client | ours/raw | peers (ours/peer) |",
-        "|---|---|---:|---|---:|---|",
+        "| driver | operation | kvstorage ops/s | loop lag p99 / max ms | raw client | ours/raw "
+        "| peers (ours/peer) |",
+        "|---|---|---:|---:|---|---:|---|",
     ]
     for line in pivot(Row(**row) for row in payload["rows"]):
         ours, raw = line.ours, line.raw
         peers = ", ".join(f"{p.target} {ratio(ours, p)}" for p in line.peers)
         extra = f" (peak +{ours.peak_mb:.1f} MiB)" if ours.peak_mb is not None else ""
         lines.append(
-            f"| {line.driver} | {line.operation}{extra} | {ours.ops:,.0f} | "
+            f"| {line.driver} | {line.operation}{extra} | {ours.ops:,.0f} | {lag(ours)} | "
             f"{raw.target if raw else ''} | {ratio(ours, raw)} | {peers} |"
         )
     return "\n".join(lines)

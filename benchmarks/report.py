@@ -50,3 +50,10 @@ def pivot(rows: Iterable[Row]) -> list[Line]:
 def ratio(ours: Row, other: Row | None) -> str:
     """``ours.ops / other.ops`` formatted as ``1.23x``, or an empty cell without ``other``."""
     return f"{ours.ops / other.ops:.2f}x" if other is not None and other.ops else ""
+
+
+def lag(row: Row) -> str:
+    """The event-loop lag measured during ``row``: ``p99 / max`` in ms, or an empty cell."""
+    if row.lag_ms is None or row.lag_p99_ms is None:
+        return ""
+    return f"{row.lag_p99_ms:.2f} / {row.lag_ms:.2f}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 from collections.abc import Callable
@@ -24,7 +25,9 @@ OPERATIONS = [
 @dataclass
 class Row:
     """One measurement: ``ops`` operations per second (keys per second for batches and
-    listing) of ``target`` doing ``operation`` on ``driver``."""
+    listing) of ``target`` doing ``operation`` on ``driver``; ``lag_ms``: the longest the
+    event loop kept a callback waiting meanwhile (see :class:`LoopLag`; None for targets in
+    another process)."""
 
     driver: str
     operation: str
@@ -34,10 +37,68 @@ class Row:
     seconds: float
     count: int
     peak_mb: float | None = None
+    lag_ms: float | None = None
+    lag_p99_ms: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The row as plain JSON-able data."""
         return asdict(self)
+
+
+class LoopLag:
+    """Measures how long the event loop is blocked: the time from one poll of its selector
+    to the next, i.e. one loop iteration with every callback it runs (and any wait for the
+    GIL), less the garbage collector's pauses meanwhile (a full collection of this
+    process's heap takes tens of ms, whoever allocates). File I/O done on the loop, or a
+    thread hogging the GIL, shows up as a long iteration; an idle loop or one waiting for a
+    thread does not. On a busy machine the longest iterations also include the loop
+    thread being preempted (a loop running no threads at all measures a few ms of maximum
+    there), hence the 99th percentile too."""
+
+    def __init__(self) -> None:
+        self._iterations: list[float] = []
+        self._collecting = 0.0  # gc pauses so far, in seconds
+        self._collection_started = 0.0
+
+    def take(self) -> tuple[float | None, float | None]:
+        """(longest, 99th percentile) of the iterations since the last call, in ms; Nones
+        when the loop has no selector to measure (another event loop implementation)."""
+        iterations = sorted(self._iterations)
+        self._iterations.clear()
+        if not iterations:
+            return None, None
+        return iterations[-1] * 1000, iterations[int(len(iterations) * 0.99)] * 1000
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._collection_started = time.perf_counter()
+        else:
+            self._collecting += time.perf_counter() - self._collection_started
+
+    async def __aenter__(self) -> LoopLag:
+        self._selector = getattr(asyncio.get_running_loop(), "_selector", None)
+        if self._selector is None:
+            return self
+        select = self._selector.select
+        clock = time.perf_counter
+        returned, collected = clock(), 0.0
+
+        def timed(timeout: float | None = None) -> Any:
+            nonlocal returned, collected
+            self._iterations.append(clock() - returned - (self._collecting - collected))
+            try:
+                return select(timeout)
+            finally:
+                returned, collected = clock(), self._collecting
+
+        self._selector.select = timed
+        gc.callbacks.append(self._on_gc)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._selector is not None:
+            gc.callbacks.remove(self._on_gc)
+            del self._selector.select
 
 
 def value(i: int) -> dict[str, Any]:
@@ -48,20 +109,32 @@ def value(i: int) -> dict[str, Any]:
 async def run_workload(
     driver: str, target: Target, n: int, advance: Callable[[], None]
 ) -> list[Row]:
-    """Run the standard workload of ``n`` keys on ``target``; ``advance`` is called after
-    each operation (for the progress bar)."""
+    """Run the standard workload of ``n`` keys on ``target`` (measuring the event loop's
+    lag meanwhile); ``advance`` is called after each operation (for the progress bar)."""
+    async with LoopLag() as lag:
+        return await _workload(driver, target, n, advance, lag)
+
+
+async def _workload(
+    driver: str, target: Target, n: int, advance: Callable[[], None], lag: LoopLag
+) -> list[Row]:
     keys = [f"bench:item:{i}" for i in range(n)]
     rows: list[Row] = []
 
     def record(operation: str, started: float, count: int) -> None:
         seconds = time.perf_counter() - started
-        rows.append(Row(driver, operation, target.name, target.kind, count / seconds, seconds, n))
+        row = Row(driver, operation, target.name, target.kind, count / seconds, seconds, n)
+        row.lag_ms, row.lag_p99_ms = lag.take()
+        rows.append(row)
         advance()
 
     await target.set("bench:warmup", value(-1))  # connect, create tables, warm caches
     await target.get("bench:warmup")
+    if target.keys is not None:  # a first thread pool hop can take ms: not in a timing
+        await target.keys("bench")
     await target.remove("bench:warmup")
 
+    lag.take()
     started = time.perf_counter()
     for i, key in enumerate(keys):
         await target.set(key, value(i))
@@ -104,12 +177,19 @@ async def run_workload(
 
 
 def best_rounds(rows: list[Row]) -> list[Row]:
-    """One row per (driver, operation, target): the fastest of its rounds."""
+    """One row per (driver, operation, target): the fastest of its rounds, with the
+    worst loop lag of all its rounds."""
     best: dict[tuple[str, str, str], Row] = {}
+    lags: dict[tuple[str, str, str], tuple[float, float]] = {}
     for row in rows:
         key = (row.driver, row.operation, row.target)
         if key not in best or row.ops > best[key].ops:
             best[key] = row
+        if row.lag_ms is not None and row.lag_p99_ms is not None:
+            worst = lags.get(key, (0.0, 0.0))
+            lags[key] = (max(worst[0], row.lag_ms), max(worst[1], row.lag_p99_ms))
+    for key, (longest, p99) in lags.items():
+        best[key].lag_ms, best[key].lag_p99_ms = longest, p99
     return list(best.values())
 
 

@@ -3,6 +3,8 @@ instances, temp files, and crash/multi-process safety with real child processes.
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import os
 import random
 import selectors
@@ -11,11 +13,16 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import anyio
+import anyio.lowlevel
+import anyio.to_thread
 import pytest
 
 from kvstorage import (
@@ -27,6 +34,7 @@ from kvstorage import (
     create_storage,
 )
 from kvstorage.drivers import FSDriver, from_url
+from kvstorage.drivers.fs._worker import WORKERS
 
 from .support import reliability
 from .support.children import run_counters
@@ -316,6 +324,26 @@ async def test_symlinks_never_lead_outside_base(
     assert not (base / "leak").is_symlink()
 
 
+async def test_nested_reads_refuse_what_top_level_reads_refuse(
+    storage: Storage, base: Path, tmp_path: Path
+) -> None:
+    # Reads below the top level open the file in one call where the system can (openat2).
+    await storage.set_item("d:a", "a")
+    await storage.set_item("d:a:b", "b")  # d/a becomes a directory holding d/a/:value
+    assert await storage.get_item("d:a") == "a"
+    meta = await storage.get_meta("d:a")
+    assert meta is not None and meta.size == 3
+    (tmp_path / "secret").write_bytes(b'"secret"')
+    (base / "d" / "link").symlink_to(tmp_path / "secret")
+    with pytest.raises(DriverError, match="symbolic link"):
+        await storage.get_item("d:link")
+    os.mkfifo(base / "d" / "fifo")
+    with pytest.raises(DriverError, match="not a regular file"):
+        await storage.get_item("d:fifo")
+    assert await storage.get_item("d:a:b:c") is None  # d/a/b is a file
+    assert await storage.get_item("d:missing:x") is None
+
+
 @pytest.mark.parametrize("key", ["..", "a:..", ".", "a/b", "", "a::b", "x\x00"])
 async def test_driver_rejects_path_like_keys(driver: FSDriver, key: str) -> None:
     with pytest.raises(InvalidKeyError):
@@ -531,6 +559,167 @@ async def test_conditions_between_two_driver_instances(base: Path) -> None:
     assert await two.get_item("k") == 2
     await one.dispose()
     await two.dispose()
+
+
+# -- worker threads --------------------------------------------------------------------
+
+
+def test_fs_runs_on_trio_too() -> None:
+    assert not FSDriver.capabilities.asyncio_only
+
+
+async def test_concurrent_reads_wake_the_loop_a_few_times_not_per_read(
+    storage: Storage, anyio_backend: str
+) -> None:
+    if anyio_backend != "asyncio":
+        pytest.skip("trio calls take one plain thread hop each")
+    keys = [f"k:{i}" for i in range(100)]
+    await storage.set_items([(key, i) for i, key in enumerate(keys)])
+    loop = asyncio.get_running_loop()
+    wakeups = 0
+    real = loop.call_soon_threadsafe
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal wakeups
+        wakeups += 1
+        return real(*args, **kwargs)
+
+    loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+    try:
+        got = await asyncio.gather(*(storage.get_item(key) for key in keys))
+    finally:
+        del loop.call_soon_threadsafe
+    assert got == list(range(100))
+    assert wakeups <= 25, f"{wakeups} loop wake-ups for 100 reads"
+
+
+async def test_a_cancelled_caller_leaves_the_rest_of_its_batch_alone(
+    storage: Storage, base: Path
+) -> None:
+    keys = [f"k:{i}" for i in range(40)]
+    await storage.set_items([(key, "old") for key in keys])
+    results: dict[str, Any] = {}
+
+    async def write(key: str) -> None:
+        await storage.set_item(key, "new")
+        results[key] = await storage.get_item(key)
+
+    for victim in (0, 13, 39):
+        results.clear()
+        async with anyio.create_task_group() as tasks:
+            scopes = []
+            for key in keys:
+                scope = anyio.CancelScope()
+                scopes.append(scope)
+
+                async def guarded(key: str = key, scope: anyio.CancelScope = scope) -> None:
+                    with scope:
+                        await write(key)
+
+                tasks.start_soon(guarded)
+            await anyio.lowlevel.checkpoint()
+            scopes[victim].cancel()
+        others = [key for i, key in enumerate(keys) if i != victim]
+        assert results == {key: "new" for key in others if key in results}
+        assert set(results) >= set(others)
+        assert await storage.get_item(keys[victim]) in ("old", "new")  # all or nothing
+        assert not [path for path in _tree(base) if ":tmp:" in path]
+        await storage.set_items([(key, "old") for key in keys])
+    with anyio.fail_after(5):  # nothing is left stuck
+        assert await storage.get_item(keys[0]) == "old"
+
+
+async def test_workers_drop_calls_cancelled_before_they_start(anyio_backend: str) -> None:
+    if anyio_backend != "asyncio":
+        pytest.skip("the worker threads serve asyncio")
+    release = threading.Event()
+    ran: list[str] = []
+    async with anyio.create_task_group() as tasks:
+        for _ in range(WORKERS.count):  # every worker waits
+            tasks.start_soon(WORKERS.run, release.wait, 5)
+        await anyio.lowlevel.checkpoint()
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await WORKERS.run(ran.append, "cancelled")
+        release.set()
+    await WORKERS.run(ran.append, "later")  # queued behind the cancelled one
+    assert ran == ["later"]
+
+
+async def test_a_slow_call_does_not_hold_up_the_next(anyio_backend: str) -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def slow() -> None:
+        started.set()
+        release.wait(5)
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(WORKERS.run, slow)
+        assert await anyio.to_thread.run_sync(started.wait, 5)
+        try:
+            with anyio.fail_after(2):
+                assert await WORKERS.run(int, "7") == 7
+            assert not release.is_set()
+        finally:
+            release.set()
+
+
+async def test_a_cancelled_caller_waits_for_its_running_call(anyio_backend: str) -> None:
+    started, release = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def call() -> None:
+        started.set()
+        release.wait(5)
+        order.append("call done")
+
+    async def caller() -> None:
+        try:
+            await WORKERS.run(call)
+        finally:
+            order.append("caller left")
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(caller)
+        assert await anyio.to_thread.run_sync(started.wait, 5)
+        tasks.cancel_scope.cancel()
+        for _ in range(10):  # the caller would leave now if it did not wait
+            await anyio.lowlevel.cancel_shielded_checkpoint()
+        release.set()
+    assert order == ["call done", "caller left"]
+
+
+async def test_a_lock_held_elsewhere_stalls_only_its_key(
+    storage: Storage, driver: FSDriver, base: Path
+) -> None:
+    await storage.set_item("k", 0)
+    stripe = zlib.crc32(b"k") % 64
+    held = os.open(base / ":locks" / f"{stripe:02x}", os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as another process would
+        async with anyio.create_task_group() as tasks:
+            done: list[int] = []
+
+            async def write(value: int) -> None:
+                await storage.set_item("k", value)
+                done.append(value)
+
+            for value in range(1, 4):  # more writers than worker threads
+                tasks.start_soon(write, value)
+            await anyio.lowlevel.checkpoint()
+            try:
+                with anyio.fail_after(5):
+                    for key in [f"o:{i}" for i in range(20)]:
+                        if zlib.crc32(key.encode()) % 64 != stripe:
+                            await storage.set_item(key, key)
+                            assert await storage.get_item(key) == key
+                assert done == []
+            finally:
+                fcntl.flock(held, fcntl.LOCK_UN)
+    finally:
+        os.close(held)
+    assert sorted(done) == [1, 2, 3]
+    assert await storage.get_item("k") in (1, 2, 3)
 
 
 # -- watching --------------------------------------------------------------------------

@@ -77,12 +77,27 @@ of one key collapse into one, judged by what is on disk when the batch is read (
 key is an ``"update"``, a deleted or expired one a ``"remove"``). Temp files, markers and
 directories never produce events. Expiry itself produces no event.
 
-Each operation (batches and listing chunks included) is one hop to a worker thread.
+Threads
+-------
+No file is touched on the event loop. On asyncio, calls on one key (``get``, ``head``,
+``set``, ``remove``, ``touch``) run in two worker threads shared by the process
+(``_worker``): a primary one, and a helper called in while the primary is busy. The calls
+made while the workers are busy are taken without waking a thread each, and results go
+back to the loop in batches, so a hundred concurrent reads cost a few wake-ups, not a
+hundred thread hops. A worker never waits for a key's lock (held by another process, say): that
+call moves to a thread of its own, so the other keys' calls go on. A cancelled caller
+never leaves half an operation: a call not started never runs, a running one is waited
+for. Batches, listing chunks, ``clear`` and ``sweep`` take one ``anyio.to_thread`` hop
+each, and on trio every call does. On Linux a read below the top level opens its file with
+one ``openat2`` call (refusing links, staying beneath base) instead of directory by
+directory.
+
 Expiry is not native: expired files are invisible but stay on disk until
 :meth:`FSDriver.sweep` (``storage.sweep()``) deletes them.
 
 Modules: ``_layout`` (the name grammar and the TTL header), ``_dirs`` (descriptor
-plumbing), ``_driver`` (:class:`FSDriver`), ``_watch`` (the watcher thread).
+plumbing), ``_driver`` (:class:`FSDriver`), ``_watch`` (the watcher thread), ``_worker``
+(the worker threads).
 """
 
 from ._driver import FSDriver

@@ -137,6 +137,51 @@ def open_regular(dir_fd: int, name: str) -> tuple[int, os.stat_result] | None:
     return fd, st
 
 
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+# RESOLVE_NO_MAGICLINKS | RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH
+_READ_HOW = _OpenHow(READ_FLAGS, 0, 0x02 | 0x04 | 0x08)
+_SYS_OPENAT2 = 437  # the same number on every Linux architecture
+
+
+def _find_syscall() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    if os.uname().sysname != "Linux":
+        return None
+    try:
+        func = ctypes.CDLL(None, use_errno=True).syscall
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
+    func.restype = ctypes.c_long
+    return func
+
+
+_syscall = _find_syscall()
+
+
+def open_beneath(dir_fd: int, path: bytes) -> int | None:
+    """Open the file at the relative ``path`` (several components) below ``dir_fd`` for
+    reading in one system call (Linux ``openat2``), failing rather than following any
+    link. Raises ``FileNotFoundError`` when a component is missing; returns None when it
+    cannot tell (a link, a component that is not a directory, no ``openat2`` here): then
+    open it component by component, which says why."""
+    global _syscall
+    syscall = _syscall
+    if syscall is None:
+        return None
+    fd = syscall(_SYS_OPENAT2, dir_fd, path, ctypes.byref(_READ_HOW), ctypes.sizeof(_READ_HOW))
+    if fd >= 0:
+        return int(fd)
+    code = ctypes.get_errno()
+    if code == errno.ENOENT:
+        raise FileNotFoundError(code, os.strerror(code))
+    if code in (errno.ENOSYS, errno.EPERM):  # an old kernel, or a sandbox refusing it
+        _syscall = None
+    return None
+
+
 def open_marker(dir_fd: int, name: str, mode: int) -> int:
     """Open (creating if missing) a lock file or marker; never blocks."""
     fd = os.open(name, TOUCH_FLAGS, mode, dir_fd=dir_fd)
@@ -148,11 +193,7 @@ def open_marker(dir_fd: int, name: str, mode: int) -> int:
 
 def marked(dir_fd: int) -> bool:
     """Whether the directory may hold files with a TTL header."""
-    try:
-        os.stat(TTL_MARK, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    return True
+    return os.access(TTL_MARK, os.F_OK, dir_fd=dir_fd, follow_symlinks=False)
 
 
 def mark(dir_fd: int, mode: int) -> None:

@@ -32,6 +32,7 @@ from ._dirs import (
     make_dir,
     mark,
     marked,
+    open_beneath,
     open_marker,
     open_regular,
     remove_dir,
@@ -49,9 +50,11 @@ from ._layout import (
     etag,
     file_path,
     header,
+    joined_path,
     parse_header,
 )
 from ._watch import Watcher
+from ._worker import WORKERS, WouldBlock, in_worker
 
 __all__ = ["FSDriver"]
 
@@ -59,6 +62,7 @@ _T = TypeVar("_T")
 
 _STRIPES = 64  # lock files (and in-process locks) shared by all keys
 _CHUNK = 512  # keys per worker-thread hop when listing
+_KEYS_PER_TICK = 128  # keys a listing hands on per event-loop iteration (its lag < 1 ms)
 _LAZY_LEVELS = 4  # listing reads deeper directories at once to bound open descriptors
 _ATTEMPTS = 20  # of a write whose directories change under it
 
@@ -200,7 +204,12 @@ class FSDriver(Driver):
     # -- plumbing (everything below runs in a worker thread) ----------------------------
 
     async def _run(self, func: Callable[..., _T], *args: object) -> _T:
+        """A batch or a listing chunk: one hop to a thread of its own."""
         return await anyio.to_thread.run_sync(func, *args)
+
+    async def _run_one(self, func: Callable[..., _T], *args: object) -> _T:
+        """An operation on one key: in the shared worker threads (see ``_worker``)."""
+        return await WORKERS.run(func, *args)
 
     def _check_writable(self) -> None:
         if self.read_only:
@@ -312,14 +321,39 @@ class FSDriver(Driver):
     @contextlib.contextmanager
     def _lock(self, key: str) -> Iterator[None]:
         """Hold the in-process and the cross-process lock for writing ``key``."""
+        held = self._acquire(key)
+        try:
+            yield
+        finally:
+            self._release(held)
+
+    def _acquire(self, key: str) -> tuple[int, int]:
+        """Take the locks of ``key``; return its stripe and lock file (for
+        :meth:`_release`). A worker thread does not wait for them: it raises
+        :class:`WouldBlock` instead (so a lock held for long, by a stopped process say,
+        never stalls the other keys' calls)."""
         stripe = zlib.crc32(key.encode()) % _STRIPES
-        with self._stripes[stripe]:
+        local = self._stripes[stripe]
+        wait = not in_worker()
+        if not local.acquire(blocking=wait):
+            raise WouldBlock
+        try:
             fd = self._lock_fd(stripe)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            local.release()
+            raise WouldBlock from None
+        except BaseException:
+            local.release()
+            raise
+        return stripe, fd
+
+    def _release(self, held: tuple[int, int]) -> None:
+        stripe, fd = held
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            self._stripes[stripe].release()
 
     def _lock_fd(self, stripe: int) -> int:
         fd = self._lock_fds.get(stripe)
@@ -343,8 +377,11 @@ class FSDriver(Driver):
         (done holding only that file's lock: a thread never holds two key locks)."""
         for _ in range(_ATTEMPTS):
             try:
-                with self._lock(key):
+                held = self._acquire(key)
+                try:
                     return operation()
+                finally:
+                    self._release(held)
             except _Retry:
                 self._forget_deleted_base()
             except _NeedsDirectory as needed:
@@ -409,17 +446,35 @@ class FSDriver(Driver):
 
     # -- reading ------------------------------------------------------------------------
 
-    def _read(self, key: str, full: bool) -> tuple[os.stat_result, bytes, int, float | None] | None:
-        """(stat, data, header length, expires_at); ``data`` is only the header unless
-        ``full``."""
+    def _open_key(self, key: str) -> tuple[int, os.stat_result] | None:
+        """Open the value file of ``key`` for reading (None if missing): in one system
+        call where the system can, else directory by directory."""
         parts, name = file_path(key)
+        if parts:
+            base_fd = self._base(create=False)
+            if base_fd is None:
+                return None
+            try:
+                fd = open_beneath(base_fd, joined_path(key))
+            except FileNotFoundError:
+                return None
+            if fd is not None:
+                st = os.fstat(fd)
+                if stat_mode.S_ISREG(st.st_mode):
+                    return fd, st
+                os.close(fd)  # a directory holding the value, or something to refuse
         dirs = self._open_dirs(parts, create=False)
         if dirs is None:
             return None
         try:
-            found = self._open_value(dirs, name)
+            return self._open_value(dirs, name)
         finally:
             dirs.close()
+
+    def _read(self, key: str, full: bool) -> tuple[os.stat_result, bytes, int, float | None] | None:
+        """(stat, data, header length, expires_at); ``data`` is only the header unless
+        ``full``."""
+        found = self._open_key(key)
         if found is None:
             return None
         fd, st = found
@@ -464,13 +519,13 @@ class FSDriver(Driver):
         return etag(found[0])
 
     async def get(self, key: str) -> Record | None:
-        return await self._run(self._get, key)
+        return await self._run_one(self._get, key)
 
     async def get_many(self, keys: Sequence[str]) -> list[Record | None]:
         return await self._run(self._get_many, keys)
 
     async def head(self, key: str) -> Stat | None:
-        return await self._run(self._head, key)
+        return await self._run_one(self._head, key)
 
     # -- writing ------------------------------------------------------------------------
 
@@ -576,7 +631,7 @@ class FSDriver(Driver):
         if_match: str | None = None,
     ) -> str:
         self._check_writable()
-        return await self._run(self._set, key, value, expires_at, if_absent, if_match)
+        return await self._run_one(self._set, key, value, expires_at, if_absent, if_match)
 
     async def set_many(
         self, items: Sequence[tuple[str, bytes]], *, expires_at: float | None = None
@@ -587,15 +642,23 @@ class FSDriver(Driver):
 
     async def touch(self, key: str, *, expires_at: float | None) -> bool:
         self._check_writable()
-        return await self._run(self._touch, key, expires_at)
+        return await self._run_one(self._touch, key, expires_at)
 
     # -- removing -----------------------------------------------------------------------
 
     def _unlink(self, dirs: Dirs, name: str) -> bool:
         """Delete a value (the caller holds its lock); True if it was live."""
-        live = self._liveness(dirs, name)
-        if live is None:
+        try:
+            st = os.stat(name, dir_fd=dirs.fd, follow_symlinks=False)
+        except FileNotFoundError:
             return False
+        if stat_mode.S_ISREG(st.st_mode) and not marked(dirs.fd):
+            live = True  # no header to read: files with one are only in marked directories
+        else:  # reads the header; refuses links and what is not a regular file
+            found = self._liveness(dirs, name)
+            if found is None:
+                return False
+            live = found
         try:
             try:
                 os.unlink(name, dir_fd=dirs.fd)
@@ -623,12 +686,15 @@ class FSDriver(Driver):
         finally:
             dirs.prune()
 
+    def _remove(self, key: str) -> bool:
+        return self._locked(key, functools.partial(self._remove_one, key))
+
     def _remove_many(self, keys: Sequence[str]) -> int:
-        return sum(self._locked(key, functools.partial(self._remove_one, key)) for key in keys)
+        return sum(self._remove(key) for key in keys)
 
     async def remove(self, key: str) -> bool:
         self._check_writable()
-        return bool(await self._run(self._remove_many, [key]))
+        return await self._run_one(self._remove, key)
 
     async def remove_many(self, keys: Sequence[str]) -> int:
         self._check_writable()
@@ -743,7 +809,9 @@ class FSDriver(Driver):
 
         try:
             while keys := await self._run(chunk):
-                for key in keys:
+                for index, key in enumerate(keys):
+                    if index and not index % _KEYS_PER_TICK:
+                        await anyio.lowlevel.checkpoint()
                     yield key
         finally:
             walk.close()

@@ -87,6 +87,14 @@ def file_path(key: str) -> tuple[tuple[str, ...], str]:
     return tuple(parts[:-1]), parts[-1]
 
 
+@functools.lru_cache(maxsize=4096)
+def joined_path(key: str) -> bytes:
+    """The path of a key's file below base, as one relative path (for
+    :func:`~kvstorage.drivers.fs._dirs.open_beneath`)."""
+    parts, name = file_path(key)
+    return os.fsencode(os.sep.join((*parts, name)))
+
+
 def decode_path(path: str) -> tuple[str, bool] | None:
     """The key of a path relative to base and whether the path ends inside an over-long
     segment (then the key is the base to rescan); None for anything that is not a key's

@@ -1,0 +1,274 @@
+"""The worker threads of the fs driver: two long-lived threads run its short operations
+(one key each) for asyncio callers, instead of one ``anyio.to_thread.run_sync`` hop per
+call.
+
+A call is queued for the workers; the calls queued while the workers are busy are taken
+without waking anyone, and the results go back to the event loop in batches: a worker
+wakes the loop once for up to :data:`_BATCH` results, or when it runs out of work. So a
+hundred concurrent reads cost a few wake-ups of each side, not a hundred hops, and the
+loop never waits on a file: it only resolves futures. The primary worker waits for calls;
+the helper is called in only while the primary is busy, so calls made one at a time wake
+one thread each (two threads waiting on one queue would both wake).
+
+A cancelled caller never leaves half an operation behind: a call not started yet never
+runs, and one already running is waited for (as ``anyio.to_thread.run_sync`` does) before
+the cancellation goes on. Callers on other event loops than asyncio (trio) take the plain
+``anyio.to_thread.run_sync`` hop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+import anyio
+import anyio.to_thread
+
+__all__ = ["WORKERS", "WouldBlock", "Workers", "in_worker"]
+
+_T = TypeVar("_T")
+
+_BATCH = 16  # results a worker holds back before it wakes the event loop
+
+
+class WouldBlock(Exception):
+    """Raised by an operation in a worker thread instead of waiting for a lock another
+    thread or process holds: the call is then run again in a thread of its own, so it
+    must be raised before the operation changed anything."""
+
+
+_local = threading.local()
+
+
+def in_worker() -> bool:
+    """Whether this thread is a worker (which must not wait for locks: see
+    :class:`WouldBlock`)."""
+    return getattr(_local, "worker", False)
+
+
+class _Inbox:
+    """The results of one event loop's calls, handed back to it in batches."""
+
+    __slots__ = ("_done", "_loop", "_rung")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._done: deque[_Call[Any]] = deque()
+        self._rung = False
+
+    def put(self, call: _Call[Any]) -> None:
+        """(worker thread) Keep a finished call for the next delivery."""
+        self._done.append(call)
+
+    def ring(self) -> None:
+        """(worker thread) Have the loop deliver the finished calls, unless it will."""
+        if not self._rung:
+            self._rung = True
+            try:
+                self._loop.call_soon_threadsafe(self._deliver)
+            except RuntimeError:  # the loop is closed: nobody waits for these
+                self._done.clear()
+
+    def _deliver(self) -> None:
+        self._rung = False  # before draining: a call kept after this rings again
+        done = self._done
+        while done:
+            done.popleft().finish()
+
+
+class _Call(Generic[_T]):
+    """One operation: queued, claimed by a worker (or by a cancelled caller, so it never
+    runs), run, finished on the loop."""
+
+    __slots__ = (
+        "args",
+        "claim",
+        "error",
+        "finished",
+        "func",
+        "future",
+        "inbox",
+        "result",
+        "waiter",
+    )
+
+    def __init__(
+        self,
+        func: Callable[..., _T],
+        args: tuple[object, ...],
+        future: asyncio.Future[_T],
+        inbox: _Inbox,
+    ) -> None:
+        self.func = func
+        self.args = args
+        self.future = future
+        self.inbox = inbox
+        self.claim = threading.Lock()  # whoever acquires it decides whether the call runs
+        self.result: _T | None = None
+        self.error: BaseException | None = None
+        self.finished = False
+        self.waiter: asyncio.Future[None] | None = None  # of a cancelled caller
+
+    def run(self) -> None:
+        """(worker thread) Run the operation, keeping its result or exception."""
+        try:
+            self.result = self.func(*self.args)
+        except BaseException as exc:
+            self.error = exc
+
+    def finish(self) -> None:
+        """(loop thread) Hand the outcome to the caller."""
+        self.finished = True
+        future = self.future
+        if not future.done():
+            if self.error is not None:
+                future.set_exception(self.error)
+                self.error = None  # no reference cycle through the traceback
+            else:
+                future.set_result(self.result)  # type: ignore[arg-type]
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+
+class Workers:
+    """A pool of ``count`` daemon threads, started on first use (and again in a forked
+    child), shared by every :class:`~kvstorage.drivers.FSDriver` of the process."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self._queue: queue.SimpleQueue[_Call[Any]] = queue.SimpleQueue()
+        self._guard = threading.Lock()
+        self._started = False
+        self._wanted = threading.Lock()  # released to call in a helper
+        self._wanted.acquire()
+        self._helping = True  # until a helper waits
+        self._busy = False  # the primary worker runs a call
+        self._inbox: tuple[asyncio.AbstractEventLoop, _Inbox] | None = None
+        self._inboxes: dict[asyncio.AbstractEventLoop, _Inbox] = {}
+
+    async def run(self, func: Callable[..., _T], *args: object) -> _T:
+        """``func(*args)`` in a worker thread (in a thread of its own if it raises
+        :class:`WouldBlock`, and on event loops other than asyncio)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # trio
+            loop = None
+        if loop is None or asyncio.current_task(loop) is None:  # trio, or its guest mode
+            return await anyio.to_thread.run_sync(func, *args)
+        try:
+            return await self._run(loop, func, args)
+        except WouldBlock:
+            return await anyio.to_thread.run_sync(func, *args)
+
+    async def _run(
+        self, loop: asyncio.AbstractEventLoop, func: Callable[..., _T], args: tuple[object, ...]
+    ) -> _T:
+        last = self._inbox
+        inbox = last[1] if last is not None and last[0] is loop else self._inbox_of(loop)
+        future: asyncio.Future[_T] = loop.create_future()
+        call = _Call(func, args, future, inbox)
+        if not self._started:
+            self._start()
+        if not self._helping and (self._busy or self._queue.qsize()):  # call in a helper
+            self._helping = True
+            with contextlib.suppress(RuntimeError):  # another loop's thread did
+                self._wanted.release()
+        self._queue.put(call)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if call.claim.acquire(blocking=False):
+                raise  # it never runs
+            await self._outlive(call, loop)
+            raise
+
+    @staticmethod
+    async def _outlive(call: _Call[Any], loop: asyncio.AbstractEventLoop) -> None:
+        """Wait for a running call whose caller was cancelled, whatever cancels it."""
+        with anyio.CancelScope(shield=True):
+            while not call.finished:
+                call.waiter = loop.create_future()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await call.waiter
+
+    def _inbox_of(self, loop: asyncio.AbstractEventLoop) -> _Inbox:
+        with self._guard:
+            inbox = self._inboxes.get(loop)
+            if inbox is None:
+                for old in [old for old in self._inboxes if old.is_closed()]:
+                    del self._inboxes[old]
+                inbox = self._inboxes[loop] = _Inbox(loop)
+            self._inbox = (loop, inbox)
+            return inbox
+
+    def _start(self) -> None:
+        with self._guard:
+            if not self._started:
+                for index in range(self.count):
+                    threading.Thread(
+                        target=self._work,
+                        args=(index == 0,),
+                        name=f"kvstorage-fs-{index}",
+                        daemon=True,
+                    ).start()
+                self._started = True
+
+    def _forked(self) -> None:
+        """(in a forked child) The threads stayed behind: start afresh when needed."""
+        self._queue = queue.SimpleQueue()
+        self._guard = threading.Lock()
+        self._wanted = threading.Lock()
+        self._wanted.acquire()
+        self._helping = True
+        self._busy = False
+        self._inboxes.clear()
+        self._inbox = None
+        self._started = False
+
+    def _work(self, primary: bool) -> None:
+        """Run calls until the process ends. The primary worker waits for calls; the
+        helpers wait to be called in (by a caller finding the primary busy or calls
+        queued) and help until the queue is empty: calls one at a time wake one thread
+        only, and a slow call does not hold up the next."""
+        _local.worker = True
+        get = self._queue.get
+        held: _Inbox | None = None  # of the finished calls its loop was not woken for
+        count = 0
+        while True:
+            try:
+                call = get(block=False)
+            except queue.Empty:
+                if primary:
+                    self._busy = False  # before ringing: the loop's next call finds it idle
+                if held is not None:
+                    held.ring()
+                    held, count = None, 0
+                if not primary:
+                    self._helping = False
+                    self._wanted.acquire()
+                    continue
+                call = get()
+                self._busy = True
+            if not call.claim.acquire(blocking=False):
+                continue  # its caller was cancelled before it started
+            call.run()
+            inbox = call.inbox
+            if held is not None and held is not inbox:
+                held.ring()
+                count = 0
+            inbox.put(call)
+            held = inbox
+            count += 1
+            if count >= _BATCH:
+                held.ring()
+                held, count = None, 0
+
+
+WORKERS = Workers(2)
+os.register_at_fork(after_in_child=WORKERS._forked)
