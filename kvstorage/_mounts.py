@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import anyio
 
 from .drivers.base import Driver
-from .keys import base_covers, depth_below
+from .keys import MAX_KEY_BYTES, base_covers, depth_below
 from .serializers import Serializer, fast_loads
 
 __all__ = ["LOCATED_CACHE_SIZE", "Group", "Mount", "MountPoint", "MountTable", "Slice"]
@@ -146,10 +146,13 @@ class MountTable:
         routes = self.routes
         mount = routes[0] if len(routes) == 1 else self.route(key)
         located = (key, mount, key[len(mount.prefix) :])
-        cache = self.located
-        if len(cache) >= LOCATED_CACHE_SIZE:
-            cache.clear()
-        cache[key] = located
+        # A view checks only its own part of a key: a full key over the limit is never
+        # remembered, or the storage itself would find it here unchecked.
+        if len(key) <= MAX_KEY_BYTES // 4 or len(key.encode()) <= MAX_KEY_BYTES:
+            cache = self.located
+            if len(cache) >= LOCATED_CACHE_SIZE:
+                cache.clear()
+            cache[key] = located
         return located
 
     def mount_for_base(self, base: str) -> MountPoint:

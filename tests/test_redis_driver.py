@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -640,3 +641,106 @@ def test_bad_url_errors_hide_the_password(url: str) -> None:
     with pytest.raises(ValueError) as caught:
         RedisDriver(url)
     assert_redacted(str(caught.value))
+
+
+@pytest.fixture
+async def own_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    """A redis-server of this test alone (it kills clients and changes settings)."""
+    server = RedisServer(free_port(), tmp_path / "own")
+    server.start()
+    yield server
+    server.stop()
+
+
+async def _kill_clients(admin: Redis) -> None:
+    await admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+
+
+async def test_a_connection_closed_while_idle_is_replaced_before_a_write(
+    own_server: RedisServer,
+) -> None:
+    # The server drops idle connections (CLIENT KILL, its `timeout`, a restart): the next
+    # call must reconnect before writing -- a conditional write cannot be retried after.
+    admin = Redis.from_url(own_server.url)
+    driver = RedisDriver(own_server.url, base="t")
+    given = RedisDriver(client=Redis.from_url(own_server.url), base="t")  # no retries
+    try:
+        await driver.set("a", b"1")
+        assert await given.get("a") is not None
+        await _kill_clients(admin)
+        assert await driver.set("nx", b"x", if_absent=True)
+        assert (record := await given.get("a")) is not None and record.value == b"1"
+        etag = await driver.set("b", b"1")
+        await _kill_clients(admin)
+        assert await driver.set("b", b"2", if_match=etag)
+        assert (record := await driver.get("b")) is not None and record.value == b"2"
+    finally:
+        await driver.dispose()
+        await given.dispose()
+        await admin.aclose()
+
+
+async def test_a_cancelled_large_write_never_lands_after_a_newer_one(
+    own_server: RedisServer,
+) -> None:
+    # Closing a connection gracefully would still flush the rest of a cancelled SET, and
+    # the server would apply it after the newer write made on another connection.
+    admin = Redis.from_url(own_server.url)
+    driver = RedisDriver(own_server.url, base="t")
+    big = os.urandom(32 << 20)
+    cancelled = 0
+    try:
+        await driver.get("warm-up")
+        for attempt in range(12):
+            with anyio.move_on_after(0.002 * (attempt % 4)) as scope:
+                await driver.set("k", big)
+            if not scope.cancelled_caught:
+                continue
+            cancelled += 1
+            await driver.set("k", b"newer")
+
+            async def only_live_connections_left() -> bool:
+                # Once the cancelled call's connection is gone from the server, all it
+                # had sent has been applied.
+                listed = await admin.execute_command("CLIENT", "LIST")
+                text = listed.decode() if isinstance(listed, bytes) else str(listed)
+                return text.count("\n") <= 3  # admin, the driver's lane and its pool
+
+            await eventually(only_live_connections_left, within=10)
+            record = await driver.get("k")
+            assert record is not None and record.value == b"newer", f"attempt {attempt}"
+        assert cancelled > 0
+    finally:
+        await driver.dispose()
+        await admin.aclose()
+
+
+async def test_a_reply_that_beats_the_watchdog_leaves_no_timeout_for_the_next_call(
+    own_server: RedisServer,
+) -> None:
+    # The reply arrives in the loop iteration where the watchdog strikes: the call gets
+    # its value, and the timeout the watchdog left on the stream must not fail the next.
+    timeout = 0.5
+    admin = Redis.from_url(own_server.url)
+    driver = RedisDriver(own_server.url, base="t", timeout=timeout)
+    try:
+        await driver.set("k", b"v")
+        await anyio.sleep(timeout)  # the watchdog goes idle
+        await admin.execute_command("CLIENT", "PAUSE", str(int(timeout * 900)), "ALL")
+
+        async def hold_the_loop() -> None:  # busy from 0.8 to 1.3 timeouts: CPU work
+            await anyio.sleep(0.8 * timeout)
+            until = time.monotonic() + 0.5 * timeout
+            while time.monotonic() < until:
+                pass
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(hold_the_loop)
+            first = await driver.get("k")
+        for _ in range(3):
+            record = await driver.get("k")
+            assert record is not None and record.value == b"v"
+        assert first is not None and first.value == b"v"
+    finally:
+        await driver.dispose()
+        await admin.aclose()

@@ -261,3 +261,16 @@ async def test_stored_bytes_that_are_not_json_read_as_a_clear_error() -> None:
         with pytest.raises(SerializationError):
             await storage.get_entry(key)
     assert await storage.get_item_raw("bad") == b"{not json"  # nothing was lost
+
+
+async def test_a_key_too_long_for_the_storage_is_refused_after_a_view_used_it() -> None:
+    storage = create_storage()
+    view = prefix_storage(storage, "p" * 100)
+    key = "k" * 1000  # within the limit for the view, not once the view's base is added
+    await view.set_item(key, 1)
+    assert await view.get_item(key) == 1
+    full = "p" * 100 + ":" + key
+    with pytest.raises(InvalidKeyError):
+        await storage.get_item(full)
+    with pytest.raises(InvalidKeyError):
+        await storage.set_item(full, 2)

@@ -118,10 +118,19 @@ async def round_trip(client: Redis, command: Sequence[bytes | str | int], *, res
     except ResponseError:  # a complete reply: the connection is in step
         raise
     except BaseException:
-        await connection.disconnect()
+        await _drop(connection)
         raise
     finally:
         await pool.release(connection)
+
+
+async def _drop(connection: Any) -> None:
+    """Close ``connection`` at once, discarding what is still unsent: the rest of a
+    cancelled command must never reach the server later, after a newer one."""
+    writer = connection._writer
+    if writer is not None:
+        writer.transport.abort()
+    await connection.disconnect(nowait=True)
 
 
 class Lane:
@@ -202,7 +211,7 @@ class Lane:
             raise
         except BaseException:
             if connection is not None:
-                await connection.disconnect(nowait=True)
+                await _drop(connection)
             raise
         finally:
             self.busy = False
@@ -220,12 +229,19 @@ class Lane:
         if _HIREDIS_PARSER is None or type(parser) is not _HIREDIS_PARSER:
             await connection.send_packed_command(packed, check_health=False)
             return await connection.read_response()
+        reader = parser._reader
+        stream = connection._reader
+        if stream.at_eof() or stream.exception() is not None or stream._buffer or reader.has_data():
+            # closed by the server while idle (CLIENT KILL, `timeout`, a restart), a stale
+            # watchdog strike, or unsolicited bytes: nothing sent yet, so reconnecting is safe
+            await connection.disconnect(nowait=True)
+            await connection.connect()
+            reader = parser._reader
+            stream = connection._reader
         transport = connection._writer.transport
         if transport.is_closing():
             raise ConnectionError("Connection closed by the server before write")
         transport.writelines(packed)
-        reader = parser._reader
-        stream = connection._reader
         while True:
             reply = reader.gets()
             while reply is NOT_ENOUGH_DATA:
