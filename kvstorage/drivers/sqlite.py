@@ -45,7 +45,8 @@ SCHEMA_VERSION = 1
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 _CHUNK = 500  # keys per IN (...) list: well below SQLite's bound-parameter limit
-_PAGE = 500  # keys per listing query
+_FIRST_PAGE = 1000  # keys in the first listing query
+_PAGE = 16000  # keys per listing query at most
 _LIVE = "(expiry IS NULL OR expiry > ?)"
 
 
@@ -420,8 +421,17 @@ class SQLiteDriver(Driver):
     async def scan(
         self, base: str = "", *, max_depth: int | None = None
     ) -> AsyncGenerator[str, None]:
-        # Keyset pagination: each page is its own short query that starts after the last
-        # key seen, so no read transaction stays open while the caller iterates.
+        async with contextlib.aclosing(self.scan_pages(base, max_depth=max_depth)) as pages:
+            async for page in pages:
+                for key in page:
+                    yield key
+
+    async def scan_pages(
+        self, base: str = "", *, max_depth: int | None = None
+    ) -> AsyncGenerator[list[str], None]:
+        # Keyset pagination: each page is its own query that starts after the last key
+        # seen, so no read transaction stays open while the caller iterates. Pages grow
+        # from _FIRST_PAGE to _PAGE keys: a short listing costs one query, a long one few.
         where = f"key > ? AND {_LIVE}"
         params: tuple[Any, ...] = ()
         if base:
@@ -430,16 +440,20 @@ class SQLiteDriver(Driver):
         if max_depth is not None:
             where += " AND length(key) - length(replace(key, ':', '')) <= ?"
             params += (max_depth + (base.count(":") + 1 if base else 0),)
-        sql = f"SELECT key FROM {self._t} WHERE {where} ORDER BY key LIMIT {_PAGE}"
+        sql = f"SELECT key FROM {self._t} WHERE {where} ORDER BY key LIMIT ?"
         after = key_range(base)[0] if base else ""
+        size = _FIRST_PAGE
         while True:
             db = await self._connection()
-            rows = list(await db.execute_fetchall(sql, (after, time.time(), *params)))
-            for (key,) in rows:
-                yield key
-            if len(rows) < _PAGE:
+            # One row more than the page: a listing that fits ends without an empty query.
+            rows = await db.execute_fetchall(sql, (after, time.time(), *params, size + 1))
+            if not rows:
+                return
+            yield [key for (key,) in rows]
+            if len(rows) <= size:
                 return
             after = rows[-1][0]
+            size = min(size * 4, _PAGE)
 
     async def clear(self, base: str = "") -> None:
         where, params = self._range(base)
