@@ -13,7 +13,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote
 
@@ -39,6 +39,8 @@ __all__ = ["SQLiteDriver"]
 logger = logging.getLogger("kvstorage")
 
 T = TypeVar("T")
+#: The reads collected for one batch query: (loop, keys, futures of their records).
+_Batch = tuple[asyncio.AbstractEventLoop, list[str], "list[asyncio.Future[Record | None]]"]
 
 #: The table layout this version writes; recorded per table in ``kvstorage_schema``.
 SCHEMA_VERSION = 1
@@ -119,8 +121,15 @@ class SQLiteDriver(Driver):
         # Held across the statements of a multi-statement transaction, so that no other
         # statement of this connection lands inside it (see _connection).
         self._txn = asyncio.Lock()
+        self._reads = 0  # single-key reads under way (a query each, or a batch of them)
+        self._batch: _Batch | None = None  # the reads waiting for the next batch query
+        self._batches: set[asyncio.Task[None]] = set()
         t = f'"{table}"'
-        self._sql_get = f"SELECT value, version, mtime, expiry FROM {t} WHERE key = ? AND {_LIVE}"
+        # The version read as text: the etag, so that a row is a Record as it comes.
+        self._sql_get = (
+            f"SELECT value, CAST(version AS TEXT), mtime, expiry FROM {t} WHERE key = ? AND {_LIVE}"
+        )
+        self._sql_get_many: dict[int, str] = {}  # by number of keys
         self._sql_head = (
             f"SELECT length(value), version, mtime, expiry FROM {t} WHERE key = ? AND {_LIVE}"
         )
@@ -309,11 +318,54 @@ class SQLiteDriver(Driver):
     # -- single items -------------------------------------------------------------------
 
     async def get(self, key: str) -> Record | None:
-        db = await self._connection()
-        rows = await db.execute_fetchall(self._sql_get, (key, time.time()))
-        for value, version, mtime, expiry in rows:
-            return Record(value, str(version), mtime, expiry)
+        if self._reads:
+            # The connection has a read to do already: this one goes in the next batch.
+            return await self._batched(key)
+        self._reads += 1
+        try:
+            db = await self._connection()
+            rows: Iterable[Any] = await db.execute_fetchall(self._sql_get, (key, time.time()))
+        finally:
+            self._reads -= 1
+        for row in rows:
+            return make_record(row)
         return None
+
+    def _batched(self, key: str) -> asyncio.Future[Record | None]:
+        """The record of ``key`` once the batch collecting this loop iteration's reads
+        (one ``get_many`` query) has run."""
+        loop = asyncio.get_running_loop()
+        batch = self._batch
+        if batch is None or batch[0] is not loop:
+            batch = self._batch = (loop, [], [])
+            task = loop.create_task(self._read_batch(batch))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+        future: asyncio.Future[Record | None] = loop.create_future()
+        batch[1].append(key)
+        batch[2].append(future)
+        return future
+
+    async def _read_batch(self, batch: _Batch) -> None:
+        # Runs once the tasks ready in the loop iteration that made the batch have joined it.
+        if self._batch is batch:
+            self._batch = None
+        _, keys, futures = batch
+        self._reads += 1
+        try:
+            records = await self.get_many(keys)
+        except BaseException as exc:
+            for future in futures:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        finally:
+            self._reads -= 1
+        for future, record in zip(futures, records, strict=True):
+            if not future.done():
+                future.set_result(record)
 
     async def head(self, key: str) -> Stat | None:
         db = await self._connection()
@@ -369,14 +421,16 @@ class SQLiteDriver(Driver):
         found: dict[str, Record] = {}
         for start in range(0, len(keys), _CHUNK):
             chunk = keys[start : start + _CHUNK]
-            sql = (
-                f"SELECT key, value, version, mtime, expiry FROM {self._t} "
-                f"WHERE key IN ({', '.join('?' * len(chunk))}) AND {_LIVE}"
-            )
+            sql = self._sql_get_many.get(len(chunk))
+            if sql is None:
+                sql = self._sql_get_many[len(chunk)] = (
+                    f"SELECT key, value, CAST(version AS TEXT), mtime, expiry FROM {self._t} "
+                    f"WHERE key IN ({', '.join('?' * len(chunk))}) AND {_LIVE}"
+                )
             db = await self._connection()
             rows = await db.execute_fetchall(sql, (*chunk, time.time()))
-            for key, value, version, mtime, expiry in rows:
-                found[key] = make_record((value, str(version), mtime, expiry))
+            for row in rows:
+                found[row[0]] = make_record(row[1:])
         return [found.get(key) for key in keys]
 
     async def set_many(
@@ -446,7 +500,7 @@ class SQLiteDriver(Driver):
         while True:
             db = await self._connection()
             # One row more than the page: a listing that fits ends without an empty query.
-            rows = await db.execute_fetchall(sql, (after, time.time(), *params, size + 1))
+            rows = list(await db.execute_fetchall(sql, (after, time.time(), *params, size + 1)))
             if not rows:
                 return
             yield [key for (key,) in rows]
