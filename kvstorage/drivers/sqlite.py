@@ -20,6 +20,7 @@ from urllib.parse import parse_qs, unquote
 import aiosqlite
 import anyio
 import anyio.to_thread
+import msgspec
 
 from ..errors import ConditionFailedError, DriverUnavailableError
 from ..keys import key_range
@@ -39,6 +40,7 @@ __all__ = ["SQLiteDriver"]
 logger = logging.getLogger("kvstorage")
 
 T = TypeVar("T")
+_json = msgspec.json.encode
 #: The reads collected for one batch query: (loop, keys, futures of their records).
 _Batch = tuple[asyncio.AbstractEventLoop, list[str], "list[asyncio.Future[Record | None]]"]
 
@@ -129,7 +131,13 @@ class SQLiteDriver(Driver):
         self._sql_get = (
             f"SELECT value, CAST(version AS TEXT), mtime, expiry FROM {t} WHERE key = ? AND {_LIVE}"
         )
-        self._sql_get_many: dict[int, str] = {}  # by number of keys
+        # One row per key, in the order of the keys: json_each is the outer loop of the
+        # LEFT JOIN (SQLite never reorders outer joins), and walks its array in order.
+        # Unlike an IN (...) list, it needs no temporary index and has no length limit.
+        self._sql_get_many = (
+            f"SELECT {t}.value, CAST(version AS TEXT), mtime, expiry FROM json_each(?1) AS k "
+            f"LEFT JOIN {t} ON {t}.key = k.value AND (expiry IS NULL OR expiry > ?2)"
+        )
         self._sql_head = (
             f"SELECT length(value), version, mtime, expiry FROM {t} WHERE key = ? AND {_LIVE}"
         )
@@ -418,20 +426,13 @@ class SQLiteDriver(Driver):
     # -- batches ------------------------------------------------------------------------
 
     async def get_many(self, keys: Sequence[str]) -> list[Record | None]:
-        found: dict[str, Record] = {}
-        for start in range(0, len(keys), _CHUNK):
-            chunk = keys[start : start + _CHUNK]
-            sql = self._sql_get_many.get(len(chunk))
-            if sql is None:
-                sql = self._sql_get_many[len(chunk)] = (
-                    f"SELECT key, value, CAST(version AS TEXT), mtime, expiry FROM {self._t} "
-                    f"WHERE key IN ({', '.join('?' * len(chunk))}) AND {_LIVE}"
-                )
-            db = await self._connection()
-            rows = await db.execute_fetchall(sql, (*chunk, time.time()))
-            for row in rows:
-                found[row[0]] = make_record(row[1:])
-        return [found.get(key) for key in keys]
+        if not keys:
+            return []
+        db = await self._connection()
+        rows: Iterable[Any] = await db.execute_fetchall(
+            self._sql_get_many, (_json(keys if type(keys) is list else list(keys)), time.time())
+        )
+        return [None if row[0] is None else make_record(row) for row in rows]
 
     async def set_many(
         self, items: Sequence[tuple[str, bytes]], *, expires_at: float | None = None
@@ -486,7 +487,12 @@ class SQLiteDriver(Driver):
         # Keyset pagination: each page is its own query that starts after the last key
         # seen, so no read transaction stays open while the caller iterates. Pages grow
         # from _FIRST_PAGE to _PAGE keys: a short listing costs one query, a long one few.
-        where = f"key > ? AND {_LIVE}"
+        # Each row's expiry is checked only while some row has expired: until then the
+        # query reads the key index alone, never the table.
+        where = (
+            f"key > ?1 AND (NOT EXISTS (SELECT 1 FROM {self._t} WHERE expiry <= ?2) "
+            "OR expiry IS NULL OR expiry > ?2)"
+        )
         params: tuple[Any, ...] = ()
         if base:
             where += " AND key < ?"
