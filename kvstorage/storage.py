@@ -492,12 +492,16 @@ class Storage:
         """Return ``{normalized key: value or None}`` in input order, one driver batch per
         mount."""
         order = [normalize_key(key) for key in _key_list(keys)]
-        result: dict[str, Any] = dict.fromkeys(order)
-        for mount, nks, records in await self._get_many(order):
+        batches = await self._get_many(order)
+        # Several mounts fill the result out of order: it starts with every key in order.
+        result: dict[str, Any] = dict.fromkeys(order) if len(batches) > 1 else {}
+        now = time.time()
+        for mount, nks, records in batches:
             loads = mount.serializer.loads
-            now = time.time()
             for nk, record in zip(nks, records, strict=True):
-                if record is not None and (record.expires_at is None or record.expires_at > now):
+                if record is None or (record.expires_at is not None and record.expires_at <= now):
+                    result[nk] = None
+                else:
                     result[nk] = loads(record.value)
         return result
 
