@@ -308,6 +308,11 @@ class SQLiteDriver(Driver):
                 pass
         return db
 
+    def _idle(self) -> aiosqlite.Connection | None:
+        """The connection when it is open and no transaction holds it, else None: the
+        common case of :meth:`_connection`, without a coroutine."""
+        return None if self._txn.locked() else self._db
+
     async def _transaction(self, work: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
         """Run ``work`` inside ``BEGIN IMMEDIATE`` ... ``COMMIT`` (taking the write lock up
         front, so it never fails half-way on another process's lock)."""
@@ -331,7 +336,7 @@ class SQLiteDriver(Driver):
             return await self._batched(key)
         self._reads += 1
         try:
-            db = await self._connection()
+            db = self._idle() or await self._connection()
             rows: Iterable[Any] = await db.execute_fetchall(self._sql_get, (key, time.time()))
         finally:
             self._reads -= 1
@@ -404,7 +409,7 @@ class SQLiteDriver(Driver):
             sql, params = self._sql_set_absent, (key, value, expires_at, now, new, now)
         else:
             sql, params = self._sql_set, (key, value, expires_at, now, new)
-        db = await self._connection()
+        db = self._idle() or await self._connection()
         cursor = await db.execute(sql, params)
         if cursor.rowcount == 0:
             if if_absent:
@@ -414,7 +419,7 @@ class SQLiteDriver(Driver):
 
     async def remove(self, key: str) -> bool:
         # Only a live row counts; an expired one is left to sweep() (it is invisible).
-        db = await self._connection()
+        db = self._idle() or await self._connection()
         cursor = await db.execute(self._sql_remove, (key, time.time()))
         return bool(cursor.rowcount)
 
@@ -428,7 +433,7 @@ class SQLiteDriver(Driver):
     async def get_many(self, keys: Sequence[str]) -> list[Record | None]:
         if not keys:
             return []
-        db = await self._connection()
+        db = self._idle() or await self._connection()
         rows: Iterable[Any] = await db.execute_fetchall(
             self._sql_get_many, (_json(keys if type(keys) is list else list(keys)), time.time())
         )
@@ -504,7 +509,7 @@ class SQLiteDriver(Driver):
         after = key_range(base)[0] if base else ""
         size = _FIRST_PAGE
         while True:
-            db = await self._connection()
+            db = self._idle() or await self._connection()
             # One row more than the page: a listing that fits ends without an empty query.
             rows = list(await db.execute_fetchall(sql, (after, time.time(), *params, size + 1)))
             if not rows:
