@@ -82,7 +82,9 @@ class SQLiteDriver(Driver):
 
     Expired rows are invisible to every read at once, and deleted by ``sweep()``
     (``storage.sweep()`` or the storage's ``sweep_interval``) or by the next write of the
-    key. Listing reads the primary-key index by range, a page at a time.
+    key. Listing reads the primary-key index by range, a page at a time. ``get_many`` is
+    one query whatever the number of keys (SQLite's JSON functions, built in since 3.38);
+    a ``get`` made while another read is under way waits for the next such batch.
     """
 
     name = "sqlite"
