@@ -158,6 +158,20 @@ async def test_a_cancelled_read_leaves_its_batch_alone(storage: Storage) -> None
     assert results[:5] + results[6:] == [0, 1, 2, 3, 4, 6, 7, 8, 9]
 
 
+async def test_reads_of_a_cancelled_batch_are_cancelled(storage: Storage) -> None:
+    await storage.set_items({f"k:{i}": i for i in range(5)})
+    driver = storage.get_mount().driver
+    assert isinstance(driver, SQLiteDriver)
+    tasks = [asyncio.create_task(storage.get_item(f"k:{i}")) for i in range(5)]
+    await asyncio.sleep(0)  # the first read went alone; the batch of the others is queued
+    for batch in list(driver._batches):
+        batch.cancel()  # as when the loop closes, here before the batch started
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert results[0] == 0
+    assert all(isinstance(result, asyncio.CancelledError) for result in results[1:])
+    assert await asyncio.gather(*(storage.get_item(f"k:{i}") for i in range(5))) == [*range(5)]
+
+
 async def test_a_failed_batch_fails_each_of_its_reads(storage: Storage, db_path: Path) -> None:
     await storage.set_items({f"k:{i}": i for i in range(10)})
     with sqlite3.connect(db_path) as db:

@@ -127,7 +127,7 @@ class SQLiteDriver(Driver):
         self._txn = asyncio.Lock()
         self._reads = 0  # single-key reads under way (a query each, or a batch of them)
         self._batch: _Batch | None = None  # the reads waiting for the next batch query
-        self._batches: set[asyncio.Task[None]] = set()
+        self._batches: dict[asyncio.Task[None], _Batch] = {}
         t = f'"{table}"'
         # The version read as text: the etag, so that a row is a Record as it comes.
         self._sql_get = (
@@ -354,12 +354,21 @@ class SQLiteDriver(Driver):
         if batch is None or batch[0] is not loop:
             batch = self._batch = (loop, [], [])
             task = loop.create_task(self._read_batch(batch))
-            self._batches.add(task)
-            task.add_done_callback(self._batches.discard)
+            self._batches[task] = batch
+            task.add_done_callback(self._batch_done)
         future: asyncio.Future[Record | None] = loop.create_future()
         batch[1].append(key)
         batch[2].append(future)
         return future
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        # Reads still waiting when the batch's task ends (cancelled, even before it started)
+        # are cancelled too, never left waiting.
+        batch = self._batches.pop(task)
+        if self._batch is batch:
+            self._batch = None
+        for future in batch[2]:
+            future.cancel()
 
     async def _read_batch(self, batch: _Batch) -> None:
         # Runs once the tasks ready in the loop iteration that made the batch have joined it.
@@ -369,12 +378,10 @@ class SQLiteDriver(Driver):
         self._reads += 1
         try:
             records = await self.get_many(keys)
-        except BaseException as exc:
+        except Exception as exc:
             for future in futures:
                 if not future.done():
                     future.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
             return
         finally:
             self._reads -= 1
