@@ -533,12 +533,16 @@ class Storage:
         """Return ``{normalized key: value or None}`` in input order, one driver batch per
         mount."""
         order = [normalize_key(key) for key in _key_list(keys)]
-        result: dict[str, Any] = dict.fromkeys(order)
-        for mount, nks, records in await self._get_many(order):
+        batches = await self._get_many(order)
+        # Several mounts fill the result out of order: it starts with every key in order.
+        result: dict[str, Any] = dict.fromkeys(order) if len(batches) > 1 else {}
+        now = time.time()
+        for mount, nks, records in batches:
             loads = mount.serializer.loads
-            now = time.time()
             for nk, record in zip(nks, records, strict=True):
-                if record is not None and (record.expires_at is None or record.expires_at > now):
+                if record is None or (record.expires_at is not None and record.expires_at <= now):
+                    result[nk] = None
+                else:
                     result[nk] = loads(record.value)
         return result
 
@@ -638,6 +642,21 @@ class Storage:
         ``max_depth`` limits how many separators a key may have below ``base``: ``0``
         yields only direct children.
         """
+        async with aclosing(self._key_pages(base, max_depth)) as pages:
+            async for page in pages:
+                for key in page:
+                    yield key
+
+    async def get_keys(self, base: str = "", *, max_depth: int | None = None) -> list[str]:
+        """Return the keys :meth:`iter_keys` yields, as a list."""
+        keys: list[str] = []
+        async with aclosing(self._key_pages(base, max_depth)) as pages:
+            async for page in pages:
+                keys += page
+        return keys
+
+    async def _key_pages(self, base: str, max_depth: int | None) -> AsyncGenerator[list[str], None]:
+        """The keys :meth:`iter_keys` yields, a list at a time as the drivers page them."""
         _check_depth(max_depth)
         strip = len(self._prefix)
         for part in self._slices(base):
@@ -648,14 +667,11 @@ class Storage:
             try:
                 async with aclosing(_scan_visible(part, depth)) as pages:
                     async for page in pages:
-                        for rel in page:
-                            yield (prefix + rel)[strip:]
+                        if prefix or strip:
+                            page = [(prefix + rel)[strip:] for rel in page]
+                        yield page
             except Exception as exc:
                 _raise_driver_error(part.mount, exc)
-
-    async def get_keys(self, base: str = "", *, max_depth: int | None = None) -> list[str]:
-        """Return the keys :meth:`iter_keys` yields, as a list."""
-        return [key async for key in self.iter_keys(base, max_depth=max_depth)]
 
     async def clear(self, base: str = "") -> None:
         """Remove exactly the keys that :meth:`get_keys` lists under ``base``, on every

@@ -3,6 +3,8 @@ the schema, URLs, other connections and processes, crashes)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import random
 import re
@@ -24,6 +26,8 @@ from kvstorage import (
     create_storage,
 )
 from kvstorage.drivers import SQLiteDriver, from_url
+from kvstorage.drivers import sqlite as sqlite_module
+from kvstorage.drivers.base import Record
 from kvstorage.drivers.sqlite import SCHEMA_VERSION
 
 from .support import reliability
@@ -87,6 +91,117 @@ async def test_removing_keys_while_listing_them(storage: Storage) -> None:
         assert await storage.remove_item(key)
     assert sorted(seen) == sorted(keys)
     assert await storage.get_keys() == []
+
+
+def expire(path: Path, *keys: str) -> None:
+    """Give ``keys`` an expiry in the past, behind the driver's back."""
+    with sqlite3.connect(path) as db:
+        db.executemany("UPDATE kv SET expiry = 1 WHERE key = ?", [(key,) for key in keys])
+
+
+@pytest.mark.parametrize("count", [0, 1, 3, 4, 5, 15, 16, 17, 28, 29, 30, 60])
+@pytest.mark.parametrize("with_expired", [False, True])
+async def test_listing_pages_end_exactly_at_their_boundaries(
+    storage: Storage,
+    db_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    count: int,
+    with_expired: bool,
+) -> None:
+    # Pages of 3, then 12: each query asks one row more than its page.
+    monkeypatch.setattr(sqlite_module, "_FIRST_PAGE", 3)
+    monkeypatch.setattr(sqlite_module, "_PAGE", 12)
+    keys = [f"p:{i:03d}" for i in range(count)]
+    await storage.set_items({key: 1 for key in [*keys, "p", "o:1", "p;1", "q:1", "p:x:deep"]})
+    expected = [*keys, "p:x:deep"]
+    if with_expired:  # then every row's expiry is read, not the key index alone
+        gone = keys[::4]
+        expire(db_path, *gone, "q:1")
+        expected = [key for key in expected if key not in gone]
+    driver = storage.get_mount().driver
+    pages = [page async for page in driver.scan_pages("p")]
+    assert all(pages)
+    assert [key for page in pages for key in page] == expected
+    assert await storage.get_keys("p") == expected
+    assert [key async for key in storage.iter_keys("p")] == expected
+    assert await storage.get_keys("p", max_depth=0) == expected[:-1]
+
+
+async def test_concurrent_reads_go_in_one_batch_query(storage: Storage, db_path: Path) -> None:
+    driver = storage.get_mount().driver
+    await storage.set_items({f"c:{i}": i for i in range(60)})
+    expire(db_path, "c:7")
+    keys = [f"c:{i}" for i in range(60)] + ["c:missing", "c:3", "c:3"]
+    batches: list[int] = []
+    get_many = driver.get_many
+
+    async def counted(keys: list[str]) -> list[Record | None]:
+        batches.append(len(keys))
+        return await get_many(keys)
+
+    driver.get_many = counted  # type: ignore[method-assign]
+    values = await asyncio.gather(*(storage.get_item(key, "absent") for key in keys))
+    expected = [*range(60), "absent", 3, 3]
+    expected[7] = "absent"
+    assert values == expected
+    assert batches == [len(keys) - 1]  # the first read went alone; the rest waited for it
+    assert await storage.get_item("c:1") == 1 and batches == [len(keys) - 1]
+
+
+async def test_a_cancelled_read_leaves_its_batch_alone(storage: Storage) -> None:
+    await storage.set_items({f"k:{i}": i for i in range(10)})
+    tasks = [asyncio.create_task(storage.get_item(f"k:{i}")) for i in range(10)]
+    await asyncio.sleep(0)  # every read started: the first alone, the others in a batch
+    tasks[5].cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(results[5], asyncio.CancelledError)
+    assert results[:5] + results[6:] == [0, 1, 2, 3, 4, 6, 7, 8, 9]
+
+
+async def test_reads_of_a_cancelled_batch_are_cancelled(storage: Storage) -> None:
+    await storage.set_items({f"k:{i}": i for i in range(5)})
+    driver = storage.get_mount().driver
+    assert isinstance(driver, SQLiteDriver)
+    tasks = [asyncio.create_task(storage.get_item(f"k:{i}")) for i in range(5)]
+    await asyncio.sleep(0)  # the first read went alone; the batch of the others is queued
+    for batch in list(driver._batches):
+        batch.cancel()  # as when the loop closes, here before the batch started
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert results[0] == 0
+    assert all(isinstance(result, asyncio.CancelledError) for result in results[1:])
+    assert await asyncio.gather(*(storage.get_item(f"k:{i}") for i in range(5))) == [*range(5)]
+
+
+async def test_a_failed_batch_fails_each_of_its_reads(storage: Storage, db_path: Path) -> None:
+    await storage.set_items({f"k:{i}": i for i in range(10)})
+    with sqlite3.connect(db_path) as db:
+        db.execute("ALTER TABLE kv RENAME TO moved")
+    results = await asyncio.gather(
+        *(storage.get_item(f"k:{i}") for i in range(10)), return_exceptions=True
+    )
+    assert all(isinstance(result, DriverError) for result in results)
+    with sqlite3.connect(db_path) as db:
+        db.execute("ALTER TABLE moved RENAME TO kv")
+    assert await asyncio.gather(*(storage.get_item(f"k:{i}") for i in range(10))) == [*range(10)]
+
+
+async def test_get_many_answers_every_key_in_its_place(storage: Storage, db_path: Path) -> None:
+    keys = [f"m:{i}" for i in range(1500)] + ["m:\u00e9\"'[]{}%_", "m:🐢"]
+    await storage.set_items({key: key for key in keys})
+    expire(db_path, *keys[::7])
+    asked = [*keys, "m:missing", *keys[:50], "m:"]
+    random.Random(18).shuffle(asked)
+    driver = storage.get_mount().driver
+    records = await driver.get_many(asked)
+    assert len(records) == len(asked)
+    live = set(keys) - set(keys[::7])
+    for key, record in zip(asked, records, strict=True):
+        if key in live:
+            assert record is not None and json.loads(record.value) == key
+            assert record == await driver.get(key)
+        else:
+            assert record is None
+    assert await driver.get_many([]) == []
 
 
 # -- batches, expiry ---------------------------------------------------------------------

@@ -13,13 +13,14 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote
 
 import aiosqlite
 import anyio
 import anyio.to_thread
+import msgspec
 
 from ..errors import ConditionFailedError, DriverUnavailableError
 from ..keys import key_range
@@ -39,13 +40,17 @@ __all__ = ["SQLiteDriver"]
 logger = logging.getLogger("kvstorage")
 
 T = TypeVar("T")
+_json = msgspec.json.encode
+#: The reads collected for one batch query: (loop, keys, futures of their records).
+_Batch = tuple[asyncio.AbstractEventLoop, list[str], "list[asyncio.Future[Record | None]]"]
 
 #: The table layout this version writes; recorded per table in ``kvstorage_schema``.
 SCHEMA_VERSION = 1
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 _CHUNK = 500  # keys per IN (...) list: well below SQLite's bound-parameter limit
-_PAGE = 500  # keys per listing query
+_FIRST_PAGE = 1000  # keys in the first listing query
+_PAGE = 16000  # keys per listing query at most
 _LIVE = "(expiry IS NULL OR expiry > ?)"
 
 
@@ -77,7 +82,9 @@ class SQLiteDriver(Driver):
 
     Expired rows are invisible to every read at once, and deleted by ``sweep()``
     (``storage.sweep()`` or the storage's ``sweep_interval``) or by the next write of the
-    key. Listing reads the primary-key index by range, a page at a time.
+    key. Listing reads the primary-key index by range, a page at a time. ``get_many`` is
+    one query whatever the number of keys (SQLite's JSON functions, built in since 3.38);
+    a ``get`` made while another read is under way waits for the next such batch.
     """
 
     name = "sqlite"
@@ -118,8 +125,21 @@ class SQLiteDriver(Driver):
         # Held across the statements of a multi-statement transaction, so that no other
         # statement of this connection lands inside it (see _connection).
         self._txn = asyncio.Lock()
+        self._reads = 0  # single-key reads under way (a query each, or a batch of them)
+        self._batch: _Batch | None = None  # the reads waiting for the next batch query
+        self._batches: dict[asyncio.Task[None], _Batch] = {}
         t = f'"{table}"'
-        self._sql_get = f"SELECT value, version, mtime, expiry FROM {t} WHERE key = ? AND {_LIVE}"
+        # The version read as text: the etag, so that a row is a Record as it comes.
+        self._sql_get = (
+            f"SELECT value, CAST(version AS TEXT), mtime, expiry FROM {t} WHERE key = ? AND {_LIVE}"
+        )
+        # One row per key, in the order of the keys: json_each is the outer loop of the
+        # LEFT JOIN (SQLite never reorders outer joins), and walks its array in order.
+        # Unlike an IN (...) list, it needs no temporary index and has no length limit.
+        self._sql_get_many = (
+            f"SELECT {t}.value, CAST(version AS TEXT), mtime, expiry FROM json_each(?1) AS k "
+            f"LEFT JOIN {t} ON {t}.key = k.value AND (expiry IS NULL OR expiry > ?2)"
+        )
         self._sql_head = (
             f"SELECT length(value), version, mtime, expiry FROM {t} WHERE key = ? AND {_LIVE}"
         )
@@ -290,6 +310,11 @@ class SQLiteDriver(Driver):
                 pass
         return db
 
+    def _idle(self) -> aiosqlite.Connection | None:
+        """The connection when it is open and no transaction holds it, else None: the
+        common case of :meth:`_connection`, without a coroutine."""
+        return None if self._txn.locked() else self._db
+
     async def _transaction(self, work: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
         """Run ``work`` inside ``BEGIN IMMEDIATE`` ... ``COMMIT`` (taking the write lock up
         front, so it never fails half-way on another process's lock)."""
@@ -308,11 +333,61 @@ class SQLiteDriver(Driver):
     # -- single items -------------------------------------------------------------------
 
     async def get(self, key: str) -> Record | None:
-        db = await self._connection()
-        rows = await db.execute_fetchall(self._sql_get, (key, time.time()))
-        for value, version, mtime, expiry in rows:
-            return Record(value, str(version), mtime, expiry)
+        if self._reads:
+            # The connection has a read to do already: this one goes in the next batch.
+            return await self._batched(key)
+        self._reads += 1
+        try:
+            db = self._idle() or await self._connection()
+            rows: Iterable[Any] = await db.execute_fetchall(self._sql_get, (key, time.time()))
+        finally:
+            self._reads -= 1
+        for row in rows:
+            return make_record(row)
         return None
+
+    def _batched(self, key: str) -> asyncio.Future[Record | None]:
+        """The record of ``key`` once the batch collecting this loop iteration's reads
+        (one ``get_many`` query) has run."""
+        loop = asyncio.get_running_loop()
+        batch = self._batch
+        if batch is None or batch[0] is not loop:
+            batch = self._batch = (loop, [], [])
+            task = loop.create_task(self._read_batch(batch))
+            self._batches[task] = batch
+            task.add_done_callback(self._batch_done)
+        future: asyncio.Future[Record | None] = loop.create_future()
+        batch[1].append(key)
+        batch[2].append(future)
+        return future
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        # Reads still waiting when the batch's task ends (cancelled, even before it started)
+        # are cancelled too, never left waiting.
+        batch = self._batches.pop(task)
+        if self._batch is batch:
+            self._batch = None
+        for future in batch[2]:
+            future.cancel()
+
+    async def _read_batch(self, batch: _Batch) -> None:
+        # Runs once the tasks ready in the loop iteration that made the batch have joined it.
+        if self._batch is batch:
+            self._batch = None
+        _, keys, futures = batch
+        self._reads += 1
+        try:
+            records = await self.get_many(keys)
+        except Exception as exc:
+            for future in futures:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        finally:
+            self._reads -= 1
+        for future, record in zip(futures, records, strict=True):
+            if not future.done():
+                future.set_result(record)
 
     async def head(self, key: str) -> Stat | None:
         db = await self._connection()
@@ -343,7 +418,7 @@ class SQLiteDriver(Driver):
             sql, params = self._sql_set_absent, (key, value, expires_at, now, new, now)
         else:
             sql, params = self._sql_set, (key, value, expires_at, now, new)
-        db = await self._connection()
+        db = self._idle() or await self._connection()
         cursor = await db.execute(sql, params)
         if cursor.rowcount == 0:
             if if_absent:
@@ -353,7 +428,7 @@ class SQLiteDriver(Driver):
 
     async def remove(self, key: str) -> bool:
         # Only a live row counts; an expired one is left to sweep() (it is invisible).
-        db = await self._connection()
+        db = self._idle() or await self._connection()
         cursor = await db.execute(self._sql_remove, (key, time.time()))
         return bool(cursor.rowcount)
 
@@ -365,18 +440,13 @@ class SQLiteDriver(Driver):
     # -- batches ------------------------------------------------------------------------
 
     async def get_many(self, keys: Sequence[str]) -> list[Record | None]:
-        found: dict[str, Record] = {}
-        for start in range(0, len(keys), _CHUNK):
-            chunk = keys[start : start + _CHUNK]
-            sql = (
-                f"SELECT key, value, version, mtime, expiry FROM {self._t} "
-                f"WHERE key IN ({', '.join('?' * len(chunk))}) AND {_LIVE}"
-            )
-            db = await self._connection()
-            rows = await db.execute_fetchall(sql, (*chunk, time.time()))
-            for key, value, version, mtime, expiry in rows:
-                found[key] = make_record((value, str(version), mtime, expiry))
-        return [found.get(key) for key in keys]
+        if not keys:
+            return []
+        db = self._idle() or await self._connection()
+        rows: Iterable[Any] = await db.execute_fetchall(
+            self._sql_get_many, (_json(keys if type(keys) is list else list(keys)), time.time())
+        )
+        return [None if row[0] is None else make_record(row) for row in rows]
 
     async def set_many(
         self, items: Sequence[tuple[str, bytes]], *, expires_at: float | None = None
@@ -420,9 +490,23 @@ class SQLiteDriver(Driver):
     async def scan(
         self, base: str = "", *, max_depth: int | None = None
     ) -> AsyncGenerator[str, None]:
-        # Keyset pagination: each page is its own short query that starts after the last
-        # key seen, so no read transaction stays open while the caller iterates.
-        where = f"key > ? AND {_LIVE}"
+        async with contextlib.aclosing(self.scan_pages(base, max_depth=max_depth)) as pages:
+            async for page in pages:
+                for key in page:
+                    yield key
+
+    async def scan_pages(
+        self, base: str = "", *, max_depth: int | None = None
+    ) -> AsyncGenerator[list[str], None]:
+        # Keyset pagination: each page is its own query that starts after the last key
+        # seen, so no read transaction stays open while the caller iterates. Pages grow
+        # from _FIRST_PAGE to _PAGE keys: a short listing costs one query, a long one few.
+        # Each row's expiry is checked only while some row has expired: until then the
+        # query reads the key index alone, never the table.
+        where = (
+            f"key > ?1 AND (NOT EXISTS (SELECT 1 FROM {self._t} WHERE expiry <= ?2) "
+            "OR expiry IS NULL OR expiry > ?2)"
+        )
         params: tuple[Any, ...] = ()
         if base:
             where += " AND key < ?"
@@ -430,16 +514,20 @@ class SQLiteDriver(Driver):
         if max_depth is not None:
             where += " AND length(key) - length(replace(key, ':', '')) <= ?"
             params += (max_depth + (base.count(":") + 1 if base else 0),)
-        sql = f"SELECT key FROM {self._t} WHERE {where} ORDER BY key LIMIT {_PAGE}"
+        sql = f"SELECT key FROM {self._t} WHERE {where} ORDER BY key LIMIT ?"
         after = key_range(base)[0] if base else ""
+        size = _FIRST_PAGE
         while True:
-            db = await self._connection()
-            rows = list(await db.execute_fetchall(sql, (after, time.time(), *params)))
-            for (key,) in rows:
-                yield key
-            if len(rows) < _PAGE:
+            db = self._idle() or await self._connection()
+            # One row more than the page: a listing that fits ends without an empty query.
+            rows = list(await db.execute_fetchall(sql, (after, time.time(), *params, size + 1)))
+            if not rows:
+                return
+            yield [key for (key,) in rows]
+            if len(rows) <= size:
                 return
             after = rows[-1][0]
+            size = min(size * 4, _PAGE)
 
     async def clear(self, base: str = "") -> None:
         where, params = self._range(base)
