@@ -59,7 +59,6 @@ __all__ = [
     "check_condition",
     "check_table",
     "is_expired",
-    "make_record",
     "require_asyncio",
 ]
 
@@ -112,11 +111,6 @@ class Record(msgspec.Struct, frozen=True, gc=False):
     """Last write, Unix seconds, or None when the backend does not know."""
     expires_at: float | None = None
     """Absolute expiry, Unix seconds, or None."""
-
-
-def make_record(fields: tuple[bytes, str, float | None, float | None]) -> Record:
-    """``Record(*fields)``, for code that has the four fields as a tuple."""
-    return Record(*fields)
 
 
 class Stat(NamedTuple):

@@ -63,7 +63,6 @@ from .base import (
     Record,
     Stat,
     check_table,
-    make_record,
     require_asyncio,
 )
 
@@ -382,7 +381,7 @@ class PostgresDriver(Driver):
         if row is None:
             return None
         value, version, mtime, expires_at = row
-        return make_record((value, str(version), mtime, expires_at))
+        return Record(value, str(version), mtime, expires_at)
 
     async def head(self, key: str) -> Stat | None:
         with self._unreachable:
@@ -447,8 +446,7 @@ class PostgresDriver(Driver):
             pool = self._ready_pool or await self._connect()
             rows = await pool.fetch(self._sql_get_many, keys)
         return [
-            None if row[0] is None else make_record((row[0], str(row[1]), row[2], row[3]))
-            for row in rows
+            None if row[0] is None else Record(row[0], str(row[1]), row[2], row[3]) for row in rows
         ]
 
     async def set_many(

@@ -107,7 +107,6 @@ from .base import (
     EmitEvent,
     Record,
     Stat,
-    make_record,
     require_asyncio,
 )
 
@@ -213,7 +212,7 @@ def _decode(data: bytes) -> Record:
 def _decode_many(values: list[bytes | None]) -> list[Record | None]:
     """The records stored in ``values`` (None stays None); ValueError if one has no
     header. One loop, no call per value: this is the per-key cost of ``MGET``."""
-    unpack = _HEADER.unpack_from
+    unpack, make = _HEADER.unpack_from, Record
     records: list[Record | None] = []
     append = records.append
     try:
@@ -224,7 +223,7 @@ def _decode_many(values: list[bytes | None]) -> list[Record | None]:
             magic, etag, mtime, expires_at = unpack(data)
             if magic != _MAGIC:
                 raise ValueError("no kvstorage header")
-            append(make_record((data[_HEADER_SIZE:], etag.hex(), mtime, expires_at or None)))
+            append(make(data[_HEADER_SIZE:], etag.hex(), mtime, expires_at or None))
     except struct.error:
         raise ValueError("no kvstorage header") from None
     return records

@@ -31,7 +31,6 @@ from .base import (
     Record,
     Stat,
     check_table,
-    make_record,
     require_asyncio,
 )
 
@@ -343,7 +342,7 @@ class SQLiteDriver(Driver):
         finally:
             self._reads -= 1
         for row in rows:
-            return make_record(row)
+            return Record(*row)
         return None
 
     def _batched(self, key: str) -> asyncio.Future[Record | None]:
@@ -446,7 +445,7 @@ class SQLiteDriver(Driver):
         rows: Iterable[Any] = await db.execute_fetchall(
             self._sql_get_many, (_json(keys if type(keys) is list else list(keys)), time.time())
         )
-        return [None if row[0] is None else make_record(row) for row in rows]
+        return [None if row[0] is None else Record(*row) for row in rows]
 
     async def set_many(
         self, items: Sequence[tuple[str, bytes]], *, expires_at: float | None = None

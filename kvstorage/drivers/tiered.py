@@ -35,7 +35,7 @@ import anyio
 
 from ..errors import DriverError, DriverUnavailableError
 from ..keys import base_covers
-from .base import Driver, EmitEvent, Record, Stat, make_record
+from .base import Driver, EmitEvent, Record, Stat
 from .memory import MemoryDriver
 
 __all__ = ["TieredDriver"]
@@ -371,7 +371,7 @@ class TieredDriver(Driver):
         self._end(key, flight, writing=True)
         if keep:
             assert etag is not None
-            self._keep(key, make_record((value, etag, mtime, expires_at)))
+            self._keep(key, Record(value, etag, mtime, expires_at))
         if exact:
             pending = self._pending.get(key)
             if pending is not None:  # the echo is due within ECHO_WAIT of now

@@ -13,7 +13,7 @@ from __future__ import annotations
 from abc import abstractmethod
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 
-from ..drivers.base import Driver, EmitEvent, Record, Stat, make_record
+from ..drivers.base import Driver, EmitEvent, Record, Stat
 
 __all__ = ["FORWARDED", "TransformingDriver", "WrapperDriver"]
 
@@ -141,7 +141,7 @@ class TransformingDriver(WrapperDriver):
         value = self.decode(key, record.value)
         if value is record.value:  # stored as it is
             return record
-        return make_record((value, record.etag, record.mtime, record.expires_at))
+        return Record(value, record.etag, record.mtime, record.expires_at)
 
     async def set(
         self,
