@@ -279,7 +279,7 @@ class Session:
                 data, flash, created, now, None, base.user, base.user_meta, base.csrf,
                 base.limits, base.persistent,
             )  # fmt: skip
-        return merged._replace(**self._fields) if self._fields else merged
+        return msgspec.structs.replace(merged, **self._fields) if self._fields else merged
 
     async def get(self, key: str, default: Any = None) -> Any:
         """The value stored at ``key`` (a new copy on every call), or ``default``."""
