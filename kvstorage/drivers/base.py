@@ -197,6 +197,16 @@ class Driver(ABC):
         if page:
             yield page
 
+    async def scan_by_pages(
+        self, base: str = "", *, max_depth: int | None = None
+    ) -> AsyncGenerator[str, None]:
+        """:meth:`scan` for drivers whose backend lists a page at a time and that
+        implement :meth:`scan_pages` themselves: ``scan = Driver.scan_by_pages``."""
+        async with contextlib.aclosing(self.scan_pages(base, max_depth=max_depth)) as pages:
+            async for page in pages:
+                for key in page:
+                    yield key
+
     async def head(self, key: str) -> Stat | None:
         """Return size, etag and times without the value (default: via :meth:`get`)."""
         record = await self.get(key)

@@ -491,13 +491,7 @@ class PostgresDriver(Driver):
             return "", ()
         return f"key >= ${first} AND key < ${first + 1}", key_range(base)
 
-    async def scan(
-        self, base: str = "", *, max_depth: int | None = None
-    ) -> AsyncGenerator[str, None]:
-        async with contextlib.aclosing(self.scan_pages(base, max_depth=max_depth)) as pages:
-            async for page in pages:
-                for key in page:
-                    yield key
+    scan = Driver.scan_by_pages  # listing is keyset pages: scan_pages below
 
     async def scan_pages(
         self, base: str = "", *, max_depth: int | None = None
