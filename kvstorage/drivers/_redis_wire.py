@@ -8,7 +8,6 @@ Kept apart from the driver (which owns the layout, the scripts and the errors):
   reads its reply, with or without the client's retry;
 * :class:`Lane` keeps one of those connections for the calls a driver makes one at a time
   and talks to it directly (no pool checkout, no task or timer per call beyond one);
-* :class:`ReadBatcher` auto-pipelines concurrent single-key reads into one multi-key read;
 * :func:`glob_escape` escapes a text for Redis glob patterns (``SCAN MATCH``,
   ``PSUBSCRIBE``).
 """
@@ -16,7 +15,7 @@ Kept apart from the driver (which owns the layout, the scripts and the errors):
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, cast
 
 from redis.asyncio import Redis
@@ -33,7 +32,6 @@ except (ImportError, AttributeError):  # pragma: no cover - another layout: the 
 __all__ = [
     "INLINE_LIMIT",
     "Lane",
-    "ReadBatcher",
     "glob_escape",
     "pack_command",
     "pack_get",
@@ -296,88 +294,6 @@ class Lane:
             if self.busy:
                 await connection.disconnect(nowait=True)
             await self._pool.release(connection)
-
-
-class ReadBatcher:
-    """Auto-pipelining of concurrent single-key reads.
-
-    A read goes out alone through ``read_one(name)`` while no other read is on the wire.
-    The reads issued while one is are collected for one event-loop tick and sent together
-    through ``read_many(names)`` (one ``MGET``), instead of taking a pool connection and a
-    round trip each. A failure of that call is raised in each of its readers.
-    """
-
-    def __init__(
-        self,
-        read_one: Callable[[str], Awaitable[bytes | None]],
-        read_many: Callable[[list[str]], Awaitable[list[bytes | None]]],
-    ) -> None:
-        self._read_one = read_one
-        self._read_many = read_many
-        self._on_the_wire = 0  # reads and batches sent, not yet answered
-        self._batch: tuple[list[str], list[asyncio.Future[bytes | None]]] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def read(self, name: str) -> Awaitable[bytes | None]:
-        """The value at ``name`` (None when missing), read alone or in a batch; await it
-        at once.
-
-        A plain function returning the batch's future or the single read, not a coroutine
-        of its own: with a hundred reads in flight, one more object per read would trigger
-        a garbage collection per batch (measured: a third slower).
-        """
-        if self._on_the_wire:
-            return self._join(name)
-        return self._read_alone(name)
-
-    def cancel(self) -> None:
-        """Cancel the batches still on the wire (their readers see the cancellation)."""
-        for task in list(self._tasks):
-            task.cancel()
-
-    async def _read_alone(self, name: str) -> bytes | None:
-        self._on_the_wire += 1
-        try:
-            return await self._read_one(name)
-        finally:
-            self._on_the_wire -= 1
-
-    def _join(self, name: str) -> asyncio.Future[bytes | None]:
-        """Add ``name`` to the batch of this loop tick, sent when the loop gets to it."""
-        loop = asyncio.get_running_loop()
-        if self._batch is None:
-            self._batch = ([], [])
-            loop.call_soon(self._flush)
-        future: asyncio.Future[bytes | None] = loop.create_future()
-        self._batch[0].append(name)
-        self._batch[1].append(future)
-        return future
-
-    def _flush(self) -> None:
-        batch, self._batch = self._batch, None
-        if batch is not None:
-            task = asyncio.get_running_loop().create_task(self._send(*batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _send(self, names: list[str], futures: list[asyncio.Future[bytes | None]]) -> None:
-        self._on_the_wire += 1
-        try:
-            values = await self._read_many(names)
-        except Exception as exc:
-            for future in futures:
-                if not future.done():
-                    future.set_exception(exc)
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
-        else:
-            for future, value in zip(futures, values, strict=True):
-                if not future.done():
-                    future.set_result(value)
-        finally:
-            self._on_the_wire -= 1
 
 
 def glob_escape(text: str) -> str:

@@ -45,7 +45,7 @@ declare native watching: the storage reports the changes made through it.
 
 Concurrency
 -----------
-Concurrent ``get`` calls are auto-pipelined (``_redis_wire.ReadBatcher``): while one read is
+Concurrent ``get`` calls are auto-pipelined (``_batching.ReadBatcher``): while one read is
 on the wire, the reads issued meanwhile are collected for one event-loop tick and sent as a
 single ``MGET`` instead of taking a pool connection and a round trip each.
 
@@ -92,9 +92,9 @@ from redis.exceptions import (
 from ..errors import ConditionFailedError, DriverError, DriverUnavailableError
 from ..keys import normalize_base
 from ..urls import redact_url
+from ._batching import ReadBatcher
 from ._redis_wire import (
     Lane,
-    ReadBatcher,
     glob_escape,
     pack_command,
     pack_get,

@@ -25,6 +25,7 @@ import msgspec
 from ..errors import ConditionFailedError, DriverUnavailableError
 from ..keys import key_range
 from ..urls import redact_url
+from ._batching import ReadBatcher
 from .base import (
     Capabilities,
     Driver,
@@ -40,8 +41,6 @@ logger = logging.getLogger("kvstorage")
 
 T = TypeVar("T")
 _json = msgspec.json.encode
-#: The reads collected for one batch query: (loop, keys, futures of their records).
-_Batch = tuple[asyncio.AbstractEventLoop, list[str], "list[asyncio.Future[Record | None]]"]
 
 #: The table layout this version writes; recorded per table in ``kvstorage_schema``.
 SCHEMA_VERSION = 1
@@ -124,9 +123,9 @@ class SQLiteDriver(Driver):
         # Held across the statements of a multi-statement transaction, so that no other
         # statement of this connection lands inside it (see _connection).
         self._txn = asyncio.Lock()
-        self._reads = 0  # single-key reads under way (a query each, or a batch of them)
-        self._batch: _Batch | None = None  # the reads waiting for the next batch query
-        self._batches: dict[asyncio.Task[None], _Batch] = {}
+        # Concurrent gets: one alone, the others in one get_many query while it runs (looked
+        # up per batch, so a subclass's get_many is the one used).
+        self._reads = ReadBatcher(self._get_one, lambda keys: self.get_many(keys))
         t = f'"{table}"'
         # The version read as text: the etag, so that a row is a Record as it comes.
         self._sql_get = (
@@ -332,61 +331,14 @@ class SQLiteDriver(Driver):
     # -- single items -------------------------------------------------------------------
 
     async def get(self, key: str) -> Record | None:
-        if self._reads:
-            # The connection has a read to do already: this one goes in the next batch.
-            return await self._batched(key)
-        self._reads += 1
-        try:
-            db = self._idle() or await self._connection()
-            rows: Iterable[Any] = await db.execute_fetchall(self._sql_get, (key, time.time()))
-        finally:
-            self._reads -= 1
+        return await self._reads.read(key)
+
+    async def _get_one(self, key: str) -> Record | None:
+        db = self._idle() or await self._connection()
+        rows: Iterable[Any] = await db.execute_fetchall(self._sql_get, (key, time.time()))
         for row in rows:
             return Record(*row)
         return None
-
-    def _batched(self, key: str) -> asyncio.Future[Record | None]:
-        """The record of ``key`` once the batch collecting this loop iteration's reads
-        (one ``get_many`` query) has run."""
-        loop = asyncio.get_running_loop()
-        batch = self._batch
-        if batch is None or batch[0] is not loop:
-            batch = self._batch = (loop, [], [])
-            task = loop.create_task(self._read_batch(batch))
-            self._batches[task] = batch
-            task.add_done_callback(self._batch_done)
-        future: asyncio.Future[Record | None] = loop.create_future()
-        batch[1].append(key)
-        batch[2].append(future)
-        return future
-
-    def _batch_done(self, task: asyncio.Task[None]) -> None:
-        # Reads still waiting when the batch's task ends (cancelled, even before it started)
-        # are cancelled too, never left waiting.
-        batch = self._batches.pop(task)
-        if self._batch is batch:
-            self._batch = None
-        for future in batch[2]:
-            future.cancel()
-
-    async def _read_batch(self, batch: _Batch) -> None:
-        # Runs once the tasks ready in the loop iteration that made the batch have joined it.
-        if self._batch is batch:
-            self._batch = None
-        _, keys, futures = batch
-        self._reads += 1
-        try:
-            records = await self.get_many(keys)
-        except Exception as exc:
-            for future in futures:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        finally:
-            self._reads -= 1
-        for future, record in zip(futures, records, strict=True):
-            if not future.done():
-                future.set_result(record)
 
     async def head(self, key: str) -> Stat | None:
         db = await self._connection()
