@@ -21,13 +21,21 @@ from redis.crc import key_slot
 
 from kvstorage import DriverError, DriverUnavailableError, Storage, create_storage
 from kvstorage.drivers import RedisDriver, from_url
-from kvstorage.drivers._redis_wire import glob_escape, pack_command, pack_get, pack_set
+from kvstorage.drivers._redis_wire import (
+    POLL_GIVE_UP,
+    POLL_RETRY,
+    glob_escape,
+    pack_command,
+    pack_get,
+    pack_set,
+)
 from kvstorage.drivers.redis import _pxat
 
 from .backends import UVLOOP
 from .backends.redis import unique_base
 from .backends.redis_cluster import RedisCluster as ClusterProcesses
 from .support import reliability
+from .support.faults.tcp_proxy import TcpFaultProxy
 from .support.helpers import assert_redacted, eventually
 from .support.servers import RedisServer, free_port
 
@@ -748,3 +756,26 @@ async def test_a_reply_that_beats_the_watchdog_leaves_no_timeout_for_the_next_ca
     finally:
         await driver.dispose()
         await admin.aclose()
+
+
+async def test_a_lane_stops_polling_for_the_replies_of_a_distant_server(
+    own_server: RedisServer,
+) -> None:
+    # Polling for a reply only pays when it comes within POLL_SECONDS; a server 2 ms away
+    # must not cost a spinning loop on every call, only on the periodic retries.
+    proxy = TcpFaultProxy(own_server.port)
+    proxy.delay = 0.002
+    driver = RedisDriver(proxy.url, base="t")
+    try:
+        await driver.set("k", b"1")
+        lane = driver._lane
+        assert lane is not None
+        for _ in range(POLL_GIVE_UP + 3):
+            assert (record := await driver.get("k")) is not None and record.value == b"1"
+        assert lane._late == POLL_GIVE_UP  # gave up: the calls after it were not polled
+        while lane._calls % POLL_RETRY:
+            assert await driver.get("k") is not None
+        assert lane._late == POLL_GIVE_UP + 1  # the retry polled, and the reply was late
+    finally:
+        await driver.dispose()
+        proxy.close()

@@ -39,6 +39,13 @@ __all__ = [
     "round_trip",
 ]
 
+#: How long a call on a lane polls the event loop for its reply before letting it sleep.
+POLL_SECONDS = 100e-6
+#: After this many calls in a row whose reply came later than that (a distant server), a
+#: lane stops polling, and tries again every :data:`POLL_RETRY` calls.
+POLL_GIVE_UP = 8
+POLL_RETRY = 64
+
 #: Command arguments up to this many bytes are copied into one buffer; larger ones are
 #: sent as separate buffers (no copy).
 INLINE_LIMIT = 4096
@@ -141,6 +148,16 @@ class Lane:
     On the lane a call writes to the transport and reads the reply from the connection's
     stream into its hiredis reader: one loop iteration, the one that waits for the server.
 
+    A call then polls for its reply for up to :data:`POLL_SECONDS`, yielding to the loop
+    (which runs the other ready tasks and checks the sockets without sleeping), before it
+    lets the loop sleep until the reply comes. A loop that sleeps is woken by the kernel
+    when the reply arrives, and on many machines that wake-up costs more than a loopback
+    round trip (measured on a 2-core VM: replies arrive 26-36 us after the write; polling
+    took a read-only session request on Redis from 8,200 to 11,500 requests/s). A lane whose
+    replies keep coming later than that (a distant server) stops polling after
+    :data:`POLL_GIVE_UP` calls and tries again every :data:`POLL_RETRY` calls, so it wastes
+    no CPU there.
+
     The socket timeout is kept by one watchdog timer per lane instead of a timer per call:
     it ticks every half timeout while calls are made, and fails the read of a call it has
     seen in flight for two ticks (so a hung server fails a call after 1 to 1.5 times the
@@ -153,6 +170,7 @@ class Lane:
     __slots__ = (
         "_calls",
         "_connection",
+        "_late",
         "_pool",
         "_seen",
         "_strikes",
@@ -166,6 +184,7 @@ class Lane:
         self._connection: Any = None
         self.busy = False
         self._calls = self._seen = self._strikes = 0
+        self._late = 0  # calls in a row whose reply came after the polling
         self._watchdog: asyncio.TimerHandle | None = None
         self._watching: asyncio.AbstractEventLoop | None = None  # the watchdog's loop
 
@@ -214,8 +233,7 @@ class Lane:
         finally:
             self.busy = False
 
-    @staticmethod
-    async def _exchange(connection: Any, packed: list[bytes]) -> Any:
+    async def _exchange(self, connection: Any, packed: list[bytes]) -> Any:
         if not connection.is_connected:
             await connection.connect()
         interval = connection.health_check_interval
@@ -240,6 +258,18 @@ class Lane:
         if transport.is_closing():
             raise ConnectionError("Connection closed by the server before write")
         transport.writelines(packed)
+        if self._late < POLL_GIVE_UP or not self._calls % POLL_RETRY:
+            # Poll for the reply before letting the loop sleep (see the class docstring);
+            # the stream's buffer fills when the loop reads the socket.
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + POLL_SECONDS
+            while not stream._buffer:
+                if loop.time() > deadline:
+                    self._late += 1
+                    break
+                await asyncio.sleep(0)
+            else:
+                self._late = 0
         while True:
             reply = reader.gets()
             while reply is NOT_ENOUGH_DATA:

@@ -37,7 +37,8 @@ def _reset(writer: asyncio.StreamWriter) -> None:
 
 
 class TcpFaultProxy:
-    """Forwards ``127.0.0.1:<port>`` to ``127.0.0.1:<target_port>``; see :class:`Mode`.
+    """Forwards ``127.0.0.1:<port>`` to ``127.0.0.1:<target_port>``; see :class:`Mode`
+    (and :attr:`delay`, for a distant server).
 
     Leaving ``STALL`` resets the connections that lost bytes while stalled (their streams
     are broken), so nothing held during the stall reaches either side later.
@@ -50,6 +51,7 @@ class TcpFaultProxy:
     def __init__(self, target_port: int | None = None) -> None:
         self.target_port: int | None = target_port
         self._mode = Mode.NORMAL
+        self.delay = 0.0  #: seconds each chunk is held before it is forwarded
         self._links: set[_Link] = set()
         self._thread = LoopThread(f"tcp-proxy-{target_port}")
         self._server = self._thread.run(self._serve())
@@ -134,6 +136,8 @@ class TcpFaultProxy:
     ) -> None:
         with contextlib.suppress(OSError):
             while data := await reader.read(65536):
+                if self.delay:
+                    await asyncio.sleep(self.delay)
                 if self._mode is Mode.NORMAL and not link.broken:
                     writer.write(data)
                     await writer.drain()
