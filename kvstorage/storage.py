@@ -43,7 +43,13 @@ from .keys import (
     normalize_key,
 )
 from .retry import backoff
-from .serializers import DECODE_ERRORS, Serializer, decode_error, get_serializer
+from .serializers import (
+    DECODE_ERRORS,
+    JSONSerializer,
+    Serializer,
+    decode_error,
+    get_serializer,
+)
 
 __all__ = ["Entry", "Meta", "Mount", "Storage", "WatchCallback", "create_storage", "prefix_storage"]
 
@@ -302,6 +308,8 @@ class Storage:
         try:
             return mount.loads(record.value)
         except DECODE_ERRORS as exc:
+            if type(mount.serializer) is not JSONSerializer:
+                raise  # a custom serializer's own error, raised as its other reads raise it
             raise decode_error(exc) from None
 
     async def get_item_raw(self, key: str) -> bytes | None:

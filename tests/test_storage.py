@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import subprocess
 import sys
 from collections.abc import AsyncGenerator
+from typing import Any
 
 import anyio
 import anyio.lowlevel
+import msgspec
 import pytest
 
 from kvstorage import (
@@ -274,3 +277,26 @@ async def test_a_key_too_long_for_the_storage_is_refused_after_a_view_used_it() 
         await storage.get_item(full)
     with pytest.raises(InvalidKeyError):
         await storage.set_item(full, 2)
+
+
+class _Base64Serializer:
+    """A custom serializer whose loads fails with msgspec's error on bytes it did not write."""
+
+    name = "b64"
+
+    def dumps(self, value: Any) -> bytes:
+        return base64.b64encode(msgspec.json.encode(value))
+
+    def loads(self, data: bytes) -> Any:
+        return msgspec.json.decode(base64.b64decode(data, validate=True))
+
+
+async def test_a_custom_serializer_error_is_not_reported_as_bad_json() -> None:
+    storage = Storage(serializer=_Base64Serializer())
+    await storage.set_item("a", {"x": 1})
+    assert await storage.get_item("a") == {"x": 1}
+    await storage.set_item_raw("b", base64.b64encode(b"{not json"))
+    for read in (storage.get_item, storage.get_entry):
+        with pytest.raises(msgspec.DecodeError) as caught:
+            await read("b")
+        assert "not valid JSON" not in str(caught.value)
