@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -779,3 +780,44 @@ async def test_a_lane_stops_polling_for_the_replies_of_a_distant_server(
     finally:
         await driver.dispose()
         proxy.close()
+
+
+@pytest.mark.parametrize("given", [False, True], ids=["url", "given-client"])
+def test_a_driver_works_on_the_next_event_loop_from_its_first_call(
+    redis_server: RedisServer, base: str, given: bool
+) -> None:
+    # One asyncio.run after another (scripts, tests with a loop each): the connections of
+    # the first loop cannot serve the second, and its first call must not fail for it.
+    client = Redis.from_url(redis_server.url) if given else None
+    driver = RedisDriver(redis_server.url if client is None else None, client=client, base=base)
+    storage = create_storage(driver)
+
+    async def first() -> str:
+        await storage.set_item("a", 1)
+        await storage.set_items({"b": 2, "c": 3})
+        entry = await storage.get_entry("a")
+        assert entry is not None
+        return entry.etag
+
+    async def second(etag: str, value: int) -> str:
+        assert await storage.get_item("a") == value  # the lane
+        await storage.set_item("a", value + 1, if_match=etag)  # a script, on the lane
+        assert await storage.get_items(["a", "b", "c"]) == {"a": value + 1, "b": 2, "c": 3}
+        reads = [storage.get_item(key) for key in ("a", "b", "c", "missing")]
+        assert await asyncio.gather(*reads) == [value + 1, 2, 3, None]  # batcher and pool
+        assert sorted(await storage.get_keys()) == ["a", "b", "c"]
+        entry = await storage.get_entry("a")
+        assert entry is not None
+        return entry.etag
+
+    etag = asyncio.run(first())
+    etag = asyncio.run(second(etag, 1))
+    asyncio.run(second(etag, 2))
+
+    async def last() -> None:
+        await storage.clear()
+        await storage.dispose()
+        if client is not None:
+            await client.aclose()
+
+    asyncio.run(last())

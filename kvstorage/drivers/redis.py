@@ -122,6 +122,8 @@ _HEADER_SIZE = _HEADER.size
 _ETAG = slice(4, 16)  # where the etag lies in the header
 _EXPIRY = struct.Struct("<d")
 _random_bits = random.getrandbits
+#: The running asyncio loop, or None (under trio: the first call then says asyncio only).
+_running_loop = asyncio._get_running_loop
 _UNREACHABLE = (ConnectionError, TimeoutError, ClusterDownError, OSError)
 _SCAN_COUNT = 1000
 #: Keyspace events a watcher needs: K keyspace channel, g generic (del), $ strings (set),
@@ -379,6 +381,7 @@ class RedisDriver(Driver):
         self._client: AnyRedis | None = None
         self._lane: Lane | None = None  # standalone only
         self._lock: asyncio.Lock | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # of the client, lane and lock
         self._reads = ReadBatcher(self._get_one, self._mget)
         self._unreachable = _Unreachable(self._where, self.name)
         self._watchers: set[Callable[[], Awaitable[None]]] = set()
@@ -406,8 +409,11 @@ class RedisDriver(Driver):
         """Create the client on first use (and initialize a cluster client once: redis-py
         fails commands that race its first initialization)."""
         require_asyncio(self.name)
-        if self._lock is None:
+        loop = asyncio.get_running_loop()
+        if self._lock is None or self._loop is not loop:
+            self._abandon()
             self._lock = asyncio.Lock()
+            self._loop = loop
         async with self._lock:
             if self._client is None:
                 client = self._given or self._open()
@@ -419,6 +425,25 @@ class RedisDriver(Driver):
                     self._lane = Lane(client)
                 self._client = client
         return self._client
+
+    def _here(self) -> AnyRedis | None:
+        """The client, when it was made on the running event loop; else None (connect)."""
+        return self._client if self._loop is _running_loop() else None
+
+    def _lane_here(self) -> Lane | None:
+        """The lane, when it was made on the running event loop."""
+        return self._lane if self._loop is _running_loop() else None
+
+    def _abandon(self) -> None:
+        """Drop the client and lane made on another event loop (one ``asyncio.run`` after
+        another): their connections belong to that loop, most likely closed, and can be
+        neither used nor closed from this one. Ours go with their sockets (closed when
+        collected); a given client's connection pool is reset, so that it opens new
+        connections on this loop (a given cluster client is left as it is)."""
+        self._lane = None
+        client, self._client = self._client, None
+        if client is not None and client is self._given and isinstance(client, Redis):
+            client.connection_pool.reset()  # type: ignore[no-untyped-call,unused-ignore]
 
     def _open(self) -> AnyRedis:
         options: dict[str, Any] = {
@@ -469,7 +494,7 @@ class RedisDriver(Driver):
     async def _call(self, client: AnyRedis, *command: Any) -> Any:
         """Run ``command`` with the client's retry: routed by redis-py on a cluster, sent by
         :func:`round_trip` (cheaper than redis-py's generic path) on a single server."""
-        lane = self._lane  # standalone only
+        lane = self._lane_here()  # standalone only
         if lane is not None and not lane.busy:
             return await lane.call(pack_command(command), resend=True)
         if isinstance(client, RedisCluster):
@@ -484,7 +509,7 @@ class RedisDriver(Driver):
         would apply its function twice. So a broken connection raises instead (the write
         may or may not have been applied, as for any failed call).
         """
-        lane = self._lane  # standalone only
+        lane = self._lane_here()  # standalone only
         if lane is not None and not lane.busy:
             return await lane.call(pack_command(command), resend=False)
         if isinstance(client, RedisCluster):
@@ -519,13 +544,13 @@ class RedisDriver(Driver):
 
     def _get_one(self, name: str) -> Awaitable[bytes | None]:
         """``GET name``: a read sent alone by the read batcher (on the lane when free)."""
-        lane = self._lane
+        lane = self._lane_here()
         if lane is not None and not lane.busy:
             return cast("Awaitable[bytes | None]", lane.call(pack_get(name), resend=True))
         return self._get_pooled(name)
 
     async def _get_pooled(self, name: str) -> bytes | None:
-        client = self._client or await self._connect()
+        client = self._here() or await self._connect()
         return cast("bytes | None", await self._call(client, "GET", name))
 
     def _foreign(self, key: str) -> DriverError:
@@ -534,7 +559,7 @@ class RedisDriver(Driver):
 
     async def head(self, key: str) -> Stat | None:
         with self._unreachable:
-            client = self._client or await self._connect()
+            client = self._here() or await self._connect()
             reply = await _HEAD(client.execute_command, self._ns + key)
         if reply is None:
             return None
@@ -557,7 +582,7 @@ class RedisDriver(Driver):
         name = self._ns + key
         data = _pack(value, expires_at)
         px = _pxat(expires_at)
-        lane = self._lane
+        lane = self._lane_here()
         if lane is not None and not lane.busy and not if_absent and if_match is None:
             try:
                 await lane.call(pack_set(name, data, px), resend=True)
@@ -566,7 +591,7 @@ class RedisDriver(Driver):
             return data[_ETAG].hex()
         expiry = () if px is None else ("PXAT", px)
         with self._unreachable:
-            client = self._client or await self._connect()
+            client = self._here() or await self._connect()
             if if_match is not None:
                 token = _token(if_match)
                 done = token is not None and await _SET_IF_MATCH(
@@ -583,12 +608,12 @@ class RedisDriver(Driver):
 
     async def remove(self, key: str) -> bool:
         name = self._ns + key
-        lane = self._lane
+        lane = self._lane_here()
         try:
             if lane is not None and not lane.busy:
                 removed: int = await lane.call(pack_command(("UNLINK", name)), resend=True)
             else:
-                removed = await (self._client or await self._connect()).unlink(name)
+                removed = await (self._here() or await self._connect()).unlink(name)
         except _UNREACHABLE as exc:
             raise self._unreachable.error(exc) from exc
         return removed > 0
@@ -596,7 +621,7 @@ class RedisDriver(Driver):
     async def touch(self, key: str, *, expires_at: float | None) -> bool:
         expiry = _EXPIRY.pack(expires_at or 0.0)
         with self._unreachable:
-            client = self._client or await self._connect()
+            client = self._here() or await self._connect()
             done = await _TOUCH(
                 client.execute_command,
                 self._ns + key,
@@ -612,7 +637,7 @@ class RedisDriver(Driver):
 
     async def _mget(self, names: list[str]) -> list[bytes | None]:
         """``MGET names`` (one per slot on a cluster), for get_many and the read batcher."""
-        client = self._client or await self._connect()
+        client = self._here() or await self._connect()
         if self._cluster:  # one MGET per slot, in one pipeline
             cluster = cast(RedisCluster, client)
             return cast("list[bytes | None]", await cluster.mget_nonatomic(names))
@@ -641,7 +666,7 @@ class RedisDriver(Driver):
         pairs = [(ns + key, _pack(value, expires_at)) for key, value in items]
         px = _pxat(expires_at)
         with self._unreachable:
-            client = self._client or await self._connect()
+            client = self._here() or await self._connect()
             cluster = isinstance(client, RedisCluster)
             if px is None and isinstance(client, RedisCluster):
                 await client.mset_nonatomic(dict(pairs))  # one MSET per slot
@@ -658,7 +683,7 @@ class RedisDriver(Driver):
             return 0
         names = [self._ns + key for key in keys]
         with self._unreachable:
-            client = self._client or await self._connect()
+            client = self._here() or await self._connect()
             removed: int = await client.unlink(*names)  # per slot in a cluster
         return removed
 
@@ -671,7 +696,7 @@ class RedisDriver(Driver):
         pattern = glob_escape(prefix) + "*"
         strip = len(self._ns)
         with self._unreachable:
-            client = self._client or await self._connect()
+            client = self._here() or await self._connect()
             # on a cluster, scan_iter walks every primary
             async for name in client.scan_iter(match=pattern, count=_SCAN_COUNT):
                 yield name.decode()[strip:]
@@ -680,7 +705,7 @@ class RedisDriver(Driver):
 
     async def watch(self, emit: EmitEvent) -> Callable[[], Awaitable[None]]:
         """Report changes from Redis keyspace notifications (standalone servers only)."""
-        client = self._client or await self._connect()
+        client = self._here() or await self._connect()
         if isinstance(client, RedisCluster):
             raise NotImplementedError("the redis driver does not watch a cluster")
         db = client.connection_pool.connection_kwargs.get("db", 0)
@@ -767,6 +792,8 @@ class RedisDriver(Driver):
         for stop in list(self._watchers):
             await stop()
         self._reads.cancel()
+        if self._loop is not _running_loop():
+            self._abandon()  # nothing of another loop can be closed from this one
         lane, self._lane = self._lane, None
         if lane is not None:
             await lane.close()
