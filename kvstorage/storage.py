@@ -540,18 +540,24 @@ class Storage:
     async def get_items(self, keys: Iterable[str]) -> dict[str, Any]:
         """Return ``{normalized key: value or None}`` in input order, one driver batch per
         mount."""
-        order = [normalize_key(key) for key in _key_list(keys)]
+        order = list(map(normalize_key, _key_list(keys)))
         batches = await self._get_many(order)
         # Several mounts fill the result out of order: it starts with every key in order.
         result: dict[str, Any] = dict.fromkeys(order) if len(batches) > 1 else {}
         now = time.time()
         for mount, nks, records in batches:
-            loads = mount.serializer.loads
-            for nk, record in zip(nks, records, strict=True):
-                if record is None or (record.expires_at is not None and record.expires_at <= now):
-                    result[nk] = None
-                else:
-                    result[nk] = loads(record.value)
+            loads = mount.loads
+            try:
+                values = [
+                    None
+                    if record is None
+                    or (record.expires_at is not None and record.expires_at <= now)
+                    else loads(record.value)
+                    for record in records
+                ]
+            except DECODE_ERRORS as exc:
+                raise decode_error(exc) from None
+            result.update(zip(nks, values, strict=True))
         return result
 
     async def get_entries_raw(self, keys: Iterable[str]) -> dict[str, Entry | None]:

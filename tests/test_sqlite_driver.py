@@ -127,6 +127,23 @@ async def test_listing_pages_end_exactly_at_their_boundaries(
     assert await storage.get_keys("p", max_depth=0) == expected[:-1]
 
 
+async def test_listing_returns_keys_that_json_escapes_exactly_and_in_order(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A page comes back as one JSON array: quotes, brackets, commas, non-ASCII and
+    # characters JSON escapes or not must come back as they went in, in byte order.
+    monkeypatch.setattr(sqlite_module, "_FIRST_PAGE", 2)
+    monkeypatch.setattr(sqlite_module, "_PAGE", 4)
+    segments = ['a"b', "a'b", "[x]", "x,y", "a b", "{}", "e\u0301", "żółw", "🐢", "\u2028"]
+    segments += ["\ufeff", "u\u2028v", "日本", "z" * 200, "%_*?"]
+    keys = [f"j:{segment}" for segment in segments]
+    await storage.set_items({key: 1 for key in [*keys, "i:1", "k:1"]})
+    expected = sorted(keys)  # code point order: UTF-8 byte order
+    assert await storage.get_keys("j") == expected
+    assert await storage.get_keys() == ["i:1", *expected, "k:1"]
+    assert [key async for key in storage.iter_keys("j")] == expected
+
+
 async def test_concurrent_reads_go_in_one_batch_query(storage: Storage, db_path: Path) -> None:
     driver = storage.get_mount().driver
     await storage.set_items({f"c:{i}": i for i in range(60)})
