@@ -120,6 +120,13 @@ class _Shared:
                     logger.exception("watch callback %r failed", callback)
 
 
+def _decode_failure(mount: MountPoint, exc: Exception) -> Exception:
+    """What to raise for ``exc``, one of :data:`DECODE_ERRORS` from ``mount.loads``: a
+    :class:`SerializationError` for the JSON serializer's fast path; a custom serializer's
+    own error unchanged, as its other reads raise it."""
+    return decode_error(exc) if type(mount.serializer) is JSONSerializer else exc
+
+
 def _raise_driver_error(mount: MountPoint, exc: Exception) -> NoReturn:
     """Re-raise a driver exception: ours as they are, anything else as DriverError."""
     if isinstance(exc, KVStorageError):
@@ -308,9 +315,7 @@ class Storage:
         try:
             return mount.loads(record.value)
         except DECODE_ERRORS as exc:
-            if type(mount.serializer) is not JSONSerializer:
-                raise  # a custom serializer's own error, raised as its other reads raise it
-            raise decode_error(exc) from None
+            raise _decode_failure(mount, exc) from None
 
     async def get_item_raw(self, key: str) -> bytes | None:
         """Return the stored bytes at ``key`` unchanged, or None."""
@@ -556,7 +561,7 @@ class Storage:
                     for record in records
                 ]
             except DECODE_ERRORS as exc:
-                raise decode_error(exc) from None
+                raise _decode_failure(mount, exc) from None
             result.update(zip(nks, values, strict=True))
         return result
 

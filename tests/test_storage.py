@@ -296,7 +296,8 @@ async def test_a_custom_serializer_error_is_not_reported_as_bad_json() -> None:
     await storage.set_item("a", {"x": 1})
     assert await storage.get_item("a") == {"x": 1}
     await storage.set_item_raw("b", base64.b64encode(b"{not json"))
-    for read in (storage.get_item, storage.get_entry):
+    reads = (storage.get_item, storage.get_entry, lambda key: storage.get_items([key]))
+    for read in reads:
         with pytest.raises(msgspec.DecodeError) as caught:
             await read("b")
         assert "not valid JSON" not in str(caught.value)

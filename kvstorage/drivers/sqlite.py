@@ -396,7 +396,9 @@ class SQLiteDriver(Driver):
             return []
         db = self._idle() or await self._connection()
         rows: Iterable[Any] = await db.execute_fetchall(
-            self._sql_get_many, (_json(keys if type(keys) is list else list(keys)), time.time())
+            # Text, not bytes: from SQLite 3.45 a BLOB argument may be read as binary JSONB.
+            self._sql_get_many,
+            (_json(keys if type(keys) is list else list(keys)).decode(), time.time()),
         )
         return [None if row[0] is None else Record(*row) for row in rows]
 
