@@ -34,7 +34,7 @@ from kvstorage import (
     create_storage,
 )
 from kvstorage.drivers import FSDriver, from_url
-from kvstorage.drivers.fs._worker import WORKERS
+from kvstorage.drivers.fs._worker import WORKERS, _Inbox
 
 from .support import reliability
 from .support.children import run_counters
@@ -569,28 +569,28 @@ def test_fs_runs_on_trio_too() -> None:
 
 
 async def test_concurrent_reads_wake_the_loop_a_few_times_not_per_read(
-    storage: Storage, anyio_backend: str
+    storage: Storage, anyio_backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if anyio_backend != "asyncio":
         pytest.skip("trio calls take one plain thread hop each")
     keys = [f"k:{i}" for i in range(100)]
     await storage.set_items([(key, i) for i, key in enumerate(keys)])
-    loop = asyncio.get_running_loop()
     wakeups = 0
-    real = loop.call_soon_threadsafe
+    real = _Inbox._wake
 
-    def counting(*args: Any, **kwargs: Any) -> Any:
+    def counting(inbox: _Inbox) -> bool:
         nonlocal wakeups
         wakeups += 1
-        return real(*args, **kwargs)
+        return real(inbox)
 
-    loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
-    try:
-        got = await asyncio.gather(*(storage.get_item(key) for key in keys))
-    finally:
-        del loop.call_soon_threadsafe
+    monkeypatch.setattr(_Inbox, "_wake", counting)
+    got = await asyncio.gather(*(storage.get_item(key) for key in keys))
     assert got == list(range(100))
-    assert wakeups <= 25, f"{wakeups} loop wake-ups for 100 reads"
+    assert 1 <= wakeups <= 25, f"{wakeups} loop wake-ups for 100 reads"
+    wakeups = 0
+    for key in keys[:10]:  # one at a time: each call wakes the loop once
+        await storage.get_item(key)
+    assert wakeups == 10
 
 
 async def test_a_cancelled_caller_leaves_the_rest_of_its_batch_alone(

@@ -209,10 +209,6 @@ class FSDriver(Driver):
         """A batch or a listing chunk: one hop to a thread of its own."""
         return await anyio.to_thread.run_sync(func, *args)
 
-    async def _run_one(self, func: Callable[..., _T], *args: object) -> _T:
-        """An operation on one key: in the shared worker threads (see ``_worker``)."""
-        return await WORKERS.run(func, *args)
-
     def _check_writable(self) -> None:
         if self.read_only:
             raise ReadOnlyError(f"FSDriver at {self.base!r} is read-only")
@@ -521,13 +517,13 @@ class FSDriver(Driver):
         return etag(found[0])
 
     async def get(self, key: str) -> Record | None:
-        return await self._run_one(self._get, key)
+        return await WORKERS.run(self._get, key)
 
     async def get_many(self, keys: Sequence[str]) -> list[Record | None]:
         return await self._run(self._get_many, keys)
 
     async def head(self, key: str) -> Stat | None:
-        return await self._run_one(self._head, key)
+        return await WORKERS.run(self._head, key)
 
     # -- writing ------------------------------------------------------------------------
 
@@ -633,7 +629,7 @@ class FSDriver(Driver):
         if_match: str | None = None,
     ) -> str:
         self._check_writable()
-        return await self._run_one(self._set, key, value, expires_at, if_absent, if_match)
+        return await WORKERS.run(self._set, key, value, expires_at, if_absent, if_match)
 
     async def set_many(
         self, items: Sequence[tuple[str, bytes]], *, expires_at: float | None = None
@@ -644,7 +640,7 @@ class FSDriver(Driver):
 
     async def touch(self, key: str, *, expires_at: float | None) -> bool:
         self._check_writable()
-        return await self._run_one(self._touch, key, expires_at)
+        return await WORKERS.run(self._touch, key, expires_at)
 
     # -- removing -----------------------------------------------------------------------
 
@@ -751,7 +747,7 @@ class FSDriver(Driver):
 
     async def remove(self, key: str) -> bool:
         self._check_writable()
-        return await self._run_one(self._remove, key)
+        return await WORKERS.run(self._remove, key)
 
     async def remove_many(self, keys: Sequence[str]) -> int:
         self._check_writable()
