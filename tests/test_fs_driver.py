@@ -593,6 +593,35 @@ async def test_concurrent_reads_wake_the_loop_a_few_times_not_per_read(
     assert wakeups == 10
 
 
+async def test_a_delivered_result_resumes_its_caller_at_once(
+    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if anyio_backend != "asyncio":
+        pytest.skip("the worker threads serve asyncio")
+    order: list[str] = []
+    real = _Inbox._deliver
+
+    def delivering(inbox: _Inbox) -> None:
+        order.append("delivering")
+        real(inbox)
+        order.append("delivered")
+
+    monkeypatch.setattr(_Inbox, "_deliver", delivering)
+    for _ in range(3):
+        assert await WORKERS.run(int, "7") == 7
+        order.append("resumed")
+    with pytest.raises(ValueError):
+        await WORKERS.run(int, "x")
+    order.append("raised")
+    await asyncio.sleep(0)  # (still within the last delivery until here)
+    # the caller runs within the delivery, not one loop iteration later
+    assert order == ["delivering", "resumed", "delivered"] * 3 + [
+        "delivering",
+        "raised",
+        "delivered",
+    ]
+
+
 async def test_a_cancelled_caller_leaves_the_rest_of_its_batch_alone(
     storage: Storage, base: Path
 ) -> None:
