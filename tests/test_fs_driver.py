@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import itertools
 import os
 import random
 import selectors
@@ -34,6 +35,7 @@ from kvstorage import (
     create_storage,
 )
 from kvstorage.drivers import FSDriver, from_url
+from kvstorage.drivers.fs._driver import _temp_name
 from kvstorage.drivers.fs._worker import WORKERS, _Inbox
 
 from .support import reliability
@@ -258,6 +260,20 @@ async def test_temp_files_are_never_listed_and_stale_ones_are_swept(
     assert await storage.sweep() == 1
     assert not stale.exists() and fresh.exists()
     assert _tree(base) == [":ttl", "d", "d/:tmp:fresh", "d/k"]  # :ttl marks TTL files
+
+
+async def test_a_write_finds_its_temp_name_taken(
+    storage: Storage, base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await storage.set_item("d:a", 1)
+    monkeypatch.setattr(_temp_name, "_prefix", ":tmp:same-")
+    monkeypatch.setattr(_temp_name, "_numbers", itertools.count())
+    (base / "d" / ":tmp:same-0").write_bytes(b"left by a killed process")
+    await storage.set_item("d:a", 2)
+    assert await storage.get_item("d:a") == 2
+    assert (base / "d" / ":tmp:same-0").read_bytes() == b"left by a killed process"
+    await storage.set_item("d:a", 3)  # the next name is free again
+    assert _tree(base) == ["d", "d/:tmp:same-0", "d/a"]
 
 
 async def test_ttl_markers_do_not_keep_directories_alive(storage: Storage, base: Path) -> None:

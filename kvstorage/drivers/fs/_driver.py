@@ -7,6 +7,7 @@ import contextlib
 import errno
 import fcntl
 import functools
+import itertools
 import os
 import secrets
 import stat as stat_mode
@@ -106,9 +107,32 @@ def _current_umask() -> int:
 
 
 def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+    if not data:
+        return
+    written = os.write(fd, data)  # all of it, as a rule
+    if written < len(data):
+        view = memoryview(data)[written:]
+        while view:
+            view = view[os.write(fd, view) :]
+
+
+class _TempNames:
+    """Names for temp files: a random prefix per process (drawn again in a forked child)
+    and a counter, instead of random bytes from the system for every write."""
+
+    def __init__(self) -> None:
+        self.renew()
+        os.register_at_fork(after_in_child=self.renew)
+
+    def renew(self) -> None:
+        self._prefix = TEMP + secrets.token_hex(6) + "-"
+        self._numbers = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{next(self._numbers):x}"
+
+
+_temp_name = _TempNames()
 
 
 class FSDriver(Driver):
@@ -542,9 +566,13 @@ class FSDriver(Driver):
     def _replace(self, dirs: Dirs, name: str, head: bytes, value: bytes, expiring: bool) -> str:
         """Write a new file and rename it to ``name``; return its etag."""
         dir_fd = dirs.fd
-        temp = TEMP + secrets.token_hex(8)
+        temp = _temp_name()
         try:
-            fd = os.open(temp, TEMP_FLAGS, self.file_mode, dir_fd=dir_fd)
+            try:
+                fd = os.open(temp, TEMP_FLAGS, self.file_mode, dir_fd=dir_fd)
+            except FileExistsError:  # left by a killed process that drew the same prefix
+                temp = TEMP + secrets.token_hex(8)
+                fd = os.open(temp, TEMP_FLAGS, self.file_mode, dir_fd=dir_fd)
         except FileNotFoundError as exc:  # the directory was removed meanwhile
             raise _Retry from exc
         try:
