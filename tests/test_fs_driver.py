@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import itertools
 import os
 import random
 import selectors
@@ -34,7 +35,8 @@ from kvstorage import (
     create_storage,
 )
 from kvstorage.drivers import FSDriver, from_url
-from kvstorage.drivers.fs._worker import WORKERS
+from kvstorage.drivers.fs._driver import _temp_name
+from kvstorage.drivers.fs._worker import WORKERS, _Inbox
 
 from .support import reliability
 from .support.children import run_counters
@@ -258,6 +260,20 @@ async def test_temp_files_are_never_listed_and_stale_ones_are_swept(
     assert await storage.sweep() == 1
     assert not stale.exists() and fresh.exists()
     assert _tree(base) == [":ttl", "d", "d/:tmp:fresh", "d/k"]  # :ttl marks TTL files
+
+
+async def test_a_write_finds_its_temp_name_taken(
+    storage: Storage, base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await storage.set_item("d:a", 1)
+    monkeypatch.setattr(_temp_name, "_prefix", ":tmp:same-")
+    monkeypatch.setattr(_temp_name, "_numbers", itertools.count())
+    (base / "d" / ":tmp:same-0").write_bytes(b"left by a killed process")
+    await storage.set_item("d:a", 2)
+    assert await storage.get_item("d:a") == 2
+    assert (base / "d" / ":tmp:same-0").read_bytes() == b"left by a killed process"
+    await storage.set_item("d:a", 3)  # the next name is free again
+    assert _tree(base) == ["d", "d/:tmp:same-0", "d/a"]
 
 
 async def test_ttl_markers_do_not_keep_directories_alive(storage: Storage, base: Path) -> None:
@@ -569,28 +585,57 @@ def test_fs_runs_on_trio_too() -> None:
 
 
 async def test_concurrent_reads_wake_the_loop_a_few_times_not_per_read(
-    storage: Storage, anyio_backend: str
+    storage: Storage, anyio_backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if anyio_backend != "asyncio":
         pytest.skip("trio calls take one plain thread hop each")
     keys = [f"k:{i}" for i in range(100)]
     await storage.set_items([(key, i) for i, key in enumerate(keys)])
-    loop = asyncio.get_running_loop()
     wakeups = 0
-    real = loop.call_soon_threadsafe
+    real = _Inbox._wake
 
-    def counting(*args: Any, **kwargs: Any) -> Any:
+    def counting(inbox: _Inbox) -> bool:
         nonlocal wakeups
         wakeups += 1
-        return real(*args, **kwargs)
+        return real(inbox)
 
-    loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
-    try:
-        got = await asyncio.gather(*(storage.get_item(key) for key in keys))
-    finally:
-        del loop.call_soon_threadsafe
+    monkeypatch.setattr(_Inbox, "_wake", counting)
+    got = await asyncio.gather(*(storage.get_item(key) for key in keys))
     assert got == list(range(100))
-    assert wakeups <= 25, f"{wakeups} loop wake-ups for 100 reads"
+    assert 1 <= wakeups <= 25, f"{wakeups} loop wake-ups for 100 reads"
+    wakeups = 0
+    for key in keys[:10]:  # one at a time: each call wakes the loop once
+        await storage.get_item(key)
+    assert wakeups == 10
+
+
+async def test_a_delivered_result_resumes_its_caller_at_once(
+    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if anyio_backend != "asyncio":
+        pytest.skip("the worker threads serve asyncio")
+    order: list[str] = []
+    real = _Inbox._deliver
+
+    def delivering(inbox: _Inbox) -> None:
+        order.append("delivering")
+        real(inbox)
+        order.append("delivered")
+
+    monkeypatch.setattr(_Inbox, "_deliver", delivering)
+    for _ in range(3):
+        assert await WORKERS.run(int, "7") == 7
+        order.append("resumed")
+    with pytest.raises(ValueError):
+        await WORKERS.run(int, "x")
+    order.append("raised")
+    await asyncio.sleep(0)  # (still within the last delivery until here)
+    # the caller runs within the delivery, not one loop iteration later
+    assert order == ["delivering", "resumed", "delivered"] * 3 + [
+        "delivering",
+        "raised",
+        "delivered",
+    ]
 
 
 async def test_a_cancelled_caller_leaves_the_rest_of_its_batch_alone(

@@ -46,8 +46,9 @@ with 256-byte inodes, xfs, btrfs, tmpfs, APFS).
 
 Atomicity and concurrency
 -------------------------
-A write goes to a temp file ``:tmp:<random>`` in the target directory, is optionally
-fsynced (``fsync=True``, which also syncs the directory) and is moved into place with
+A write goes to a temp file ``:tmp:<random per process>-<counter>`` in the target
+directory (random bytes instead, should that name be taken), is optionally fsynced
+(``fsync=True``, which also syncs the directory) and is moved into place with
 ``os.replace``: readers see the old or the new value, never a torn one, even if the writer
 is killed. Temp files left by a killed writer are never listed; :meth:`FSDriver.sweep` and
 :meth:`FSDriver.clear` delete those older than :attr:`FSDriver.stale_temp_after` seconds.
@@ -83,7 +84,8 @@ No file is touched on the event loop. On asyncio, calls on one key (``get``, ``h
 ``set``, ``remove``, ``touch``) run in two worker threads shared by the process
 (``_worker``): a primary one, and a helper called in while the primary is busy. The calls
 made while the workers are busy are taken without waking a thread each, and results go
-back to the loop in batches, so a hundred concurrent reads cost a few wake-ups, not a
+back to the loop in batches (a worker wakes it through a pipe it watches, and each caller
+resumes within the delivery), so a hundred concurrent reads cost a few wake-ups, not a
 hundred thread hops. A worker never waits for a key's lock (held by another process, say): that
 call moves to a thread of its own, so the other keys' calls go on. A cancelled caller
 never leaves half an operation: a call not started never runs, a running one is waited

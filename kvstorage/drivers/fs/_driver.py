@@ -7,6 +7,7 @@ import contextlib
 import errno
 import fcntl
 import functools
+import itertools
 import os
 import secrets
 import stat as stat_mode
@@ -25,6 +26,7 @@ from ..base import Capabilities, Driver, EmitEvent, Record, Stat, check_conditio
 from ._dirs import (
     DIR_FLAGS,
     LINK_ERRORS,
+    MAX_OPEN,
     TEMP_FLAGS,
     Dirs,
     NotRegularError,
@@ -35,6 +37,7 @@ from ._dirs import (
     open_beneath,
     open_marker,
     open_regular,
+    prune_chain,
     remove_dir,
 )
 from ._layout import (
@@ -104,9 +107,32 @@ def _current_umask() -> int:
 
 
 def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+    if not data:
+        return
+    written = os.write(fd, data)  # all of it, as a rule
+    if written < len(data):
+        view = memoryview(data)[written:]
+        while view:
+            view = view[os.write(fd, view) :]
+
+
+class _TempNames:
+    """Names for temp files: a random prefix per process (drawn again in a forked child)
+    and a counter, instead of random bytes from the system for every write."""
+
+    def __init__(self) -> None:
+        self.renew()
+        os.register_at_fork(after_in_child=self.renew)
+
+    def renew(self) -> None:
+        self._prefix = TEMP + secrets.token_hex(6) + "-"
+        self._numbers = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{next(self._numbers):x}"
+
+
+_temp_name = _TempNames()
 
 
 class FSDriver(Driver):
@@ -206,10 +232,6 @@ class FSDriver(Driver):
     async def _run(self, func: Callable[..., _T], *args: object) -> _T:
         """A batch or a listing chunk: one hop to a thread of its own."""
         return await anyio.to_thread.run_sync(func, *args)
-
-    async def _run_one(self, func: Callable[..., _T], *args: object) -> _T:
-        """An operation on one key: in the shared worker threads (see ``_worker``)."""
-        return await WORKERS.run(func, *args)
 
     def _check_writable(self) -> None:
         if self.read_only:
@@ -519,13 +541,13 @@ class FSDriver(Driver):
         return etag(found[0])
 
     async def get(self, key: str) -> Record | None:
-        return await self._run_one(self._get, key)
+        return await WORKERS.run(self._get, key)
 
     async def get_many(self, keys: Sequence[str]) -> list[Record | None]:
         return await self._run(self._get_many, keys)
 
     async def head(self, key: str) -> Stat | None:
-        return await self._run_one(self._head, key)
+        return await WORKERS.run(self._head, key)
 
     # -- writing ------------------------------------------------------------------------
 
@@ -544,9 +566,13 @@ class FSDriver(Driver):
     def _replace(self, dirs: Dirs, name: str, head: bytes, value: bytes, expiring: bool) -> str:
         """Write a new file and rename it to ``name``; return its etag."""
         dir_fd = dirs.fd
-        temp = TEMP + secrets.token_hex(8)
+        temp = _temp_name()
         try:
-            fd = os.open(temp, TEMP_FLAGS, self.file_mode, dir_fd=dir_fd)
+            try:
+                fd = os.open(temp, TEMP_FLAGS, self.file_mode, dir_fd=dir_fd)
+            except FileExistsError:  # left by a killed process that drew the same prefix
+                temp = TEMP + secrets.token_hex(8)
+                fd = os.open(temp, TEMP_FLAGS, self.file_mode, dir_fd=dir_fd)
         except FileNotFoundError as exc:  # the directory was removed meanwhile
             raise _Retry from exc
         try:
@@ -631,7 +657,7 @@ class FSDriver(Driver):
         if_match: str | None = None,
     ) -> str:
         self._check_writable()
-        return await self._run_one(self._set, key, value, expires_at, if_absent, if_match)
+        return await WORKERS.run(self._set, key, value, expires_at, if_absent, if_match)
 
     async def set_many(
         self, items: Sequence[tuple[str, bytes]], *, expires_at: float | None = None
@@ -642,7 +668,7 @@ class FSDriver(Driver):
 
     async def touch(self, key: str, *, expires_at: float | None) -> bool:
         self._check_writable()
-        return await self._run_one(self._touch, key, expires_at)
+        return await WORKERS.run(self._touch, key, expires_at)
 
     # -- removing -----------------------------------------------------------------------
 
@@ -687,14 +713,69 @@ class FSDriver(Driver):
             dirs.prune()
 
     def _remove(self, key: str) -> bool:
-        return self._locked(key, functools.partial(self._remove_one, key))
+        parts, name = file_path(key)
+        held = self._acquire(key)  # (no _Retry or _NeedsDirectory here: nothing is created)
+        try:
+            if len(parts) <= MAX_OPEN:
+                removed = self._remove_plain(parts, name)
+                if removed is not None:
+                    return removed
+            return self._remove_one(key)
+        finally:
+            self._release(held)
+
+    def _remove_plain(self, parts: tuple[str, ...], name: str) -> bool | None:
+        """The usual remove, the caller holding the key's lock: the directories opened one
+        by one (``O_NOFOLLOW``) without a :class:`Dirs` chain, a regular file in a directory
+        without TTL marker unlinked, the directories left empty removed. Anything else (a
+        TTL header to read, a value inside a directory, something to refuse) goes on with
+        :meth:`_unlink`; None when a directory cannot be opened (:meth:`_remove_one` then
+        says why)."""
+        base_fd = self._base_fd
+        if base_fd is None:
+            return None
+        fds: list[int] = []
+        fd = base_fd
+        try:
+            for part in parts:
+                fd = os.open(part, DIR_FLAGS, dir_fd=fd)
+                fds.append(fd)
+        except OSError as exc:
+            for fd in fds:
+                os.close(fd)
+            return False if isinstance(exc, FileNotFoundError) else None
+        try:
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return False
+            if stat_mode.S_ISREG(st.st_mode) and not marked(fd):
+                try:
+                    os.unlink(name, dir_fd=fd)
+                    return True
+                except FileNotFoundError:
+                    return False
+                except OSError as exc:
+                    if exc.errno not in (errno.EISDIR, errno.EPERM):
+                        raise
+                    # replaced by a directory meanwhile (by another program): start over
+            dirs = Dirs(base_fd)
+            for part, part_fd in zip(parts, fds, strict=True):
+                dirs.descend(part, part_fd)
+            fds = []  # the chain owns them now
+            try:
+                return self._unlink(dirs, name)
+            finally:
+                dirs.prune()
+        finally:
+            prune_chain(base_fd, parts, fds)
 
     def _remove_many(self, keys: Sequence[str]) -> int:
         return sum(self._remove(key) for key in keys)
 
     async def remove(self, key: str) -> bool:
         self._check_writable()
-        return await self._run_one(self._remove, key)
+        return await WORKERS.run(self._remove, key)
 
     async def remove_many(self, keys: Sequence[str]) -> int:
         self._check_writable()

@@ -20,6 +20,8 @@ TTL_MARK = ":ttl"  # in a directory that may hold files with a TTL header
 LOCKS = ":locks"  # directory of the lock files, in base
 SELF = ":value"  # the value of key `a` when `a` is also a directory
 
+_NOT_NAMES = frozenset(("", ".", ".."))  # key segments that cannot be names
+
 # Names no key segment can have: control characters, backslashes, and lone surrogates
 # (bytes that are not UTF-8, as os.scandir returns them).
 _FOREIGN = re.compile(r"[\x00-\x1f\x7f-\x9f\\\ud800-\udfff]")
@@ -66,11 +68,19 @@ def _pieces(segment: str) -> list[str]:
 def components(key: str) -> list[str]:
     """The path components below base of a key or base: one name per segment, an
     over-long segment as ``<piece>::`` directories followed by its last piece."""
-    parts: list[str] = []
     if not key:
-        return parts
-    for segment in key.split(":"):
-        if segment in ("", ".", "..") or "/" in segment or "\x00" in segment:
+        return []
+    segments = key.split(":")
+    if (
+        len(key) * 4 <= NAME_LIMIT  # every segment fits one name, whatever its characters
+        and "/" not in key
+        and "\x00" not in key
+        and _NOT_NAMES.isdisjoint(segments)
+    ):
+        return segments  # the usual key, without the checks one segment at a time
+    parts: list[str] = []
+    for segment in segments:
+        if segment in _NOT_NAMES or "/" in segment or "\x00" in segment:
             raise InvalidKeyError(f"key {key!r} cannot be stored as a path")
         pieces = _pieces(segment)
         parts.extend(piece + "::" for piece in pieces[:-1])

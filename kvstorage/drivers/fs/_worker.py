@@ -4,11 +4,13 @@ call.
 
 A call is queued for the workers; the calls queued while the workers are busy are taken
 without waking anyone, and the results go back to the event loop in batches: a worker
-wakes the loop once for up to :data:`_BATCH` results, or when it runs out of work. So a
-hundred concurrent reads cost a few wake-ups of each side, not a hundred hops, and the
-loop never waits on a file: it only resolves futures. The primary worker waits for calls;
-the helper is called in only while the primary is busy, so calls made one at a time wake
-one thread each (two threads waiting on one queue would both wake).
+wakes the loop once (a byte in a pipe the loop watches) for up to :data:`_BATCH`
+results, or when it runs out of work, and each caller resumes within that delivery (not
+one loop iteration later). So a hundred concurrent reads cost a few wake-ups of each
+side, not a hundred hops, and the loop never waits on a file: it only resolves futures.
+The primary worker waits for calls; the helper is called in only while the primary is
+busy, so calls made one at a time wake one thread each (two threads waiting on one queue
+would both wake).
 
 A cancelled caller never leaves half an operation behind: a call not started yet never
 runs, and one already running is waited for (as ``anyio.to_thread.run_sync`` does) before
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import os
 import queue
 import threading
@@ -33,6 +36,9 @@ import anyio.to_thread
 __all__ = ["WORKERS", "WouldBlock", "Workers", "in_worker"]
 
 _T = TypeVar("_T")
+
+_get_running_loop = asyncio._get_running_loop
+_current_task = asyncio.current_task
 
 _BATCH = 16  # results a worker holds back before it wakes the event loop
 
@@ -53,14 +59,31 @@ def in_worker() -> bool:
 
 
 class _Inbox:
-    """The results of one event loop's calls, handed back to it in batches."""
+    """The results of one event loop's calls, handed back to it in batches.
 
-    __slots__ = ("_done", "_loop", "_rung")
+    A worker wakes the loop by writing a byte into a pipe the loop watches (one system
+    call on each side; ``call_soon_threadsafe`` costs the loop two reads of its own pipe,
+    the second one failing, and more Python on both threads); on loops that cannot watch
+    a descriptor, with ``call_soon_threadsafe``."""
+
+    __slots__ = ("_done", "_fds", "_guard", "_loop", "_rung")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._done: deque[_Call[Any]] = deque()
         self._rung = False
+        self._guard = threading.Lock()  # a worker writes, or the pipe is closed
+        self._fds: tuple[int, int] | None = None  # the pipe (read end, write end)
+        read_fd, write_fd = os.pipe()
+        try:
+            os.set_blocking(read_fd, False)
+            os.set_blocking(write_fd, False)
+            loop.add_reader(read_fd, self._woken)
+        except Exception:  # a loop that cannot watch descriptors
+            os.close(read_fd)
+            os.close(write_fd)
+        else:
+            self._fds = read_fd, write_fd
 
     def put(self, call: _Call[Any]) -> None:
         """(worker thread) Keep a finished call for the next delivery."""
@@ -70,10 +93,36 @@ class _Inbox:
         """(worker thread) Have the loop deliver the finished calls, unless it will."""
         if not self._rung:
             self._rung = True
+            if not self._wake():  # the loop is closed: nobody waits for these
+                self._done.clear()
+
+    def _wake(self) -> bool:
+        """(worker thread) Wake the loop; False if it is closed."""
+        if self._fds is None:
             try:
                 self._loop.call_soon_threadsafe(self._deliver)
-            except RuntimeError:  # the loop is closed: nobody waits for these
-                self._done.clear()
+            except RuntimeError:
+                return False
+            return True
+        with self._guard:  # (a closed loop's pipe is closed when another loop starts)
+            if self._fds is None:
+                return False
+            try:  # noqa: SIM105 (contextlib.suppress costs more, on every call)
+                os.write(self._fds[1], b"\0")
+            except BlockingIOError:  # full: the loop wakes anyway
+                pass
+        return True
+
+    def _woken(self) -> None:
+        """(loop thread) Empty the pipe (before the calls: a call kept after this writes
+        again), deliver the finished calls."""
+        fds = self._fds
+        if fds is not None:
+            try:  # noqa: SIM105 (contextlib.suppress costs more, on every call)
+                os.read(fds[0], 4096)
+            except BlockingIOError:  # nothing to read (woken spuriously)
+                pass
+        self._deliver()
 
     def _deliver(self) -> None:
         self._rung = False  # before draining: a call kept after this rings again
@@ -81,20 +130,81 @@ class _Inbox:
         while done:
             done.popleft().finish()
 
+    def close(self) -> None:
+        """Close the pipe of a closed loop (which no longer watches it)."""
+        with self._guard:
+            self.forget()
+
+    def forget(self) -> None:
+        """Close the pipe without taking the guard (in a forked child, where the loop
+        belongs to the parent and a worker of the parent may have held the guard)."""
+        fds, self._fds = self._fds, None
+        if fds is not None:
+            os.close(fds[0])
+            os.close(fds[1])
+
+
+class _Future(asyncio.Future[_T]):
+    """The future a caller awaits. When a worker's outcome is delivered, the task
+    awaiting it resumes at once, in the same iteration of the event loop: with a plain
+    future the loop would call it back in the next iteration, one more poll of the
+    selector (and its Python) per call. Cancelling it resumes the task the usual way,
+    from the loop."""
+
+    __slots__ = ("_resume",)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop=loop)
+        self._resume: tuple[Callable[[Any], object], contextvars.Context] | None = None
+
+    def add_done_callback(
+        self, fn: Callable[[Any], object], *, context: contextvars.Context | None = None
+    ) -> None:
+        if self._resume is None and context is not None and not self.done():
+            self._resume = fn, context  # the awaiting task's wake-up (with its context)
+        else:
+            super().add_done_callback(fn, context=context)
+
+    def remove_done_callback(self, fn: Callable[[Any], object]) -> int:
+        removed = 0
+        if self._resume is not None and self._resume[0] == fn:
+            self._resume, removed = None, 1
+        return removed + super().remove_done_callback(fn)
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        if not super().cancel(msg):
+            return False
+        resume, self._resume = self._resume, None
+        if resume is not None:
+            self.get_loop().call_soon(resume[0], self, context=resume[1])
+        return True
+
+    def deliver(self, result: object, error: BaseException | None) -> None:
+        """(loop thread, in a callback of the loop: no task is running) Set the outcome
+        and resume the awaiting task now."""
+        if error is not None:
+            self.set_exception(error)
+        else:
+            self.set_result(result)  # type: ignore[arg-type]
+        resume, self._resume = self._resume, None
+        if resume is not None:
+            resume[1].run(resume[0], self)
+
 
 class _Call(Generic[_T]):
     """One operation: queued, claimed by a worker (or by a cancelled caller, so it never
-    runs), run, finished on the loop."""
+    runs), run (by :meth:`Workers._work`, keeping its result or exception), finished on
+    the loop."""
 
     __slots__ = (
         "args",
-        "claim",
         "error",
         "finished",
         "func",
         "future",
         "inbox",
         "result",
+        "ticket",
         "waiter",
     )
 
@@ -102,36 +212,36 @@ class _Call(Generic[_T]):
         self,
         func: Callable[..., _T],
         args: tuple[object, ...],
-        future: asyncio.Future[_T],
+        future: _Future[_T],
         inbox: _Inbox,
     ) -> None:
         self.func = func
         self.args = args
         self.future = future
         self.inbox = inbox
-        self.claim = threading.Lock()  # whoever acquires it decides whether the call runs
+        self.ticket = [None]  # whoever takes it decides whether the call runs
         self.result: _T | None = None
         self.error: BaseException | None = None
         self.finished = False
         self.waiter: asyncio.Future[None] | None = None  # of a cancelled caller
 
-    def run(self) -> None:
-        """(worker thread) Run the operation, keeping its result or exception."""
+    def claim(self) -> bool:
+        """Take the call's one ticket (atomic: ``list.pop`` holds the GIL throughout); True
+        for whoever took it, the worker that is to run the call or the caller that
+        cancelled it first."""
         try:
-            self.result = self.func(*self.args)
-        except BaseException as exc:
-            self.error = exc
+            self.ticket.pop()
+        except IndexError:
+            return False
+        return True
 
     def finish(self) -> None:
         """(loop thread) Hand the outcome to the caller."""
         self.finished = True
         future = self.future
         if not future.done():
-            if self.error is not None:
-                future.set_exception(self.error)
-                self.error = None  # no reference cycle through the traceback
-            else:
-                future.set_result(self.result)  # type: ignore[arg-type]
+            error, self.error = self.error, None  # no reference cycle through the traceback
+            future.deliver(self.result, error)
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
@@ -155,23 +265,12 @@ class Workers:
     async def run(self, func: Callable[..., _T], *args: object) -> _T:
         """``func(*args)`` in a worker thread (in a thread of its own if it raises
         :class:`WouldBlock`, and on event loops other than asyncio)."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # trio
-            loop = None
-        if loop is None or asyncio.current_task(loop) is None:  # trio, or its guest mode
+        loop = _get_running_loop()
+        if loop is None or _current_task(loop) is None:  # trio, or its guest mode
             return await anyio.to_thread.run_sync(func, *args)
-        try:
-            return await self._run(loop, func, args)
-        except WouldBlock:
-            return await anyio.to_thread.run_sync(func, *args)
-
-    async def _run(
-        self, loop: asyncio.AbstractEventLoop, func: Callable[..., _T], args: tuple[object, ...]
-    ) -> _T:
         last = self._inbox
         inbox = last[1] if last is not None and last[0] is loop else self._inbox_of(loop)
-        future: asyncio.Future[_T] = loop.create_future()
+        future: _Future[_T] = _Future(loop)
         call = _Call(func, args, future, inbox)
         if not self._started:
             self._start()
@@ -182,8 +281,10 @@ class Workers:
         self._queue.put(call)
         try:
             return await future
+        except WouldBlock:
+            return await anyio.to_thread.run_sync(func, *args)
         except asyncio.CancelledError:
-            if call.claim.acquire(blocking=False):
+            if call.claim():
                 raise  # it never runs
             await self._outlive(call, loop)
             raise
@@ -202,7 +303,7 @@ class Workers:
             inbox = self._inboxes.get(loop)
             if inbox is None:
                 for old in [old for old in self._inboxes if old.is_closed()]:
-                    del self._inboxes[old]
+                    self._inboxes.pop(old).close()
                 inbox = self._inboxes[loop] = _Inbox(loop)
             self._inbox = (loop, inbox)
             return inbox
@@ -227,6 +328,8 @@ class Workers:
         self._wanted.acquire()
         self._helping = True
         self._busy = False
+        for inbox in self._inboxes.values():
+            inbox.forget()
         self._inboxes.clear()
         self._inbox = None
         self._started = False
@@ -237,13 +340,17 @@ class Workers:
         queued) and help until the queue is empty: calls one at a time wake one thread
         only, and a slow call does not hold up the next."""
         _local.worker = True
-        get = self._queue.get
+        get, empty = self._queue.get, self._queue.empty
         held: _Inbox | None = None  # of the finished calls its loop was not woken for
         count = 0
         while True:
-            try:
-                call = get(block=False)
-            except queue.Empty:
+            call = None
+            if not empty():
+                try:  # noqa: SIM105 (contextlib.suppress costs more, on every call)
+                    call = get(block=False)
+                except queue.Empty:  # the other worker took it
+                    pass
+            if call is None:
                 if primary:
                     self._busy = False  # before ringing: the loop's next call finds it idle
                 if held is not None:
@@ -255,9 +362,14 @@ class Workers:
                     continue
                 call = get()
                 self._busy = True
-            if not call.claim.acquire(blocking=False):
+            try:
+                call.ticket.pop()  # see _Call.claim
+            except IndexError:
                 continue  # its caller was cancelled before it started
-            call.run()
+            try:
+                call.result = call.func(*call.args)
+            except BaseException as exc:
+                call.error = exc
             inbox = call.inbox
             if held is not None and held is not inbox:
                 held.ring()
