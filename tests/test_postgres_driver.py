@@ -113,7 +113,7 @@ async def test_base_a_never_matches_ab(storage: Storage) -> None:
     assert sorted(await storage.get_keys()) == ["a", "a0:1", "ab", "ab:1"]
 
 
-async def test_set_items_of_10000_keys_is_one_statement_under_a_second(
+async def test_set_items_of_10000_keys_is_one_statement(
     postgres_server: PostgresServer, table: str
 ) -> None:
     statements: list[str] = []
@@ -132,11 +132,8 @@ async def test_set_items_of_10000_keys_is_one_statement_under_a_second(
         await store.set_items({"warm:1": 1, "warm:2": 2})  # creates the table, learns types
         items = {f"bulk:{i:05d}": {"n": i, "s": "x" * 100} for i in range(10_000)}
         statements.clear()
-        started = time.perf_counter()
         await store.set_items(items)
-        seconds = time.perf_counter() - started
-        assert len(statements) == 1, statements
-        assert seconds < 1.0, f"set_items of 10,000 keys took {seconds:.2f} s"
+        assert len(statements) == 1, statements  # (its speed is the benchmark's business)
         got = await store.get_items(list(items))
         assert got == items
         assert len(await store.get_keys("bulk")) == 10_000
