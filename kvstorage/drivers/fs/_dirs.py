@@ -12,7 +12,6 @@ import errno
 import itertools
 import os
 import stat as stat_mode
-from collections.abc import Sequence
 
 from ._layout import SELF, TTL_MARK
 
@@ -100,24 +99,6 @@ class Dirs:
             pass
         finally:
             self.close()
-
-
-def prune_chain(base_fd: int, names: Sequence[str], fds: Sequence[int]) -> None:
-    """Close the descriptors ``fds`` of the directories ``names`` below base (one each, top
-    down), deepest first, removing each that is empty until one is not (what
-    :meth:`Dirs.prune` does for a chain)."""
-    index = len(fds)
-    try:
-        while index:
-            index -= 1
-            os.close(fds[index])
-            try:
-                os.rmdir(names[index], dir_fd=fds[index - 1] if index else base_fd)
-            except OSError:  # not empty (usually), or gone meanwhile
-                break
-    finally:
-        for fd in fds[:index]:
-            os.close(fd)
 
 
 def make_dir(parent_fd: int, name: str, mode: int, chmod: bool) -> int:

@@ -26,7 +26,6 @@ from ..base import Capabilities, Driver, EmitEvent, Record, Stat, check_conditio
 from ._dirs import (
     DIR_FLAGS,
     LINK_ERRORS,
-    MAX_OPEN,
     TEMP_FLAGS,
     Dirs,
     NotRegularError,
@@ -37,7 +36,6 @@ from ._dirs import (
     open_beneath,
     open_marker,
     open_regular,
-    prune_chain,
     remove_dir,
 )
 from ._layout import (
@@ -713,62 +711,11 @@ class FSDriver(Driver):
             dirs.prune()
 
     def _remove(self, key: str) -> bool:
-        parts, name = file_path(key)
         held = self._acquire(key)  # (no _Retry or _NeedsDirectory here: nothing is created)
         try:
-            if len(parts) <= MAX_OPEN:
-                removed = self._remove_plain(parts, name)
-                if removed is not None:
-                    return removed
             return self._remove_one(key)
         finally:
             self._release(held)
-
-    def _remove_plain(self, parts: tuple[str, ...], name: str) -> bool | None:
-        """The usual remove, the caller holding the key's lock: the directories opened one
-        by one (``O_NOFOLLOW``) without a :class:`Dirs` chain, a regular file in a directory
-        without TTL marker unlinked, the directories left empty removed. Anything else (a
-        TTL header to read, a value inside a directory, something to refuse) goes on with
-        :meth:`_unlink`; None when a directory cannot be opened (:meth:`_remove_one` then
-        says why)."""
-        base_fd = self._base_fd
-        if base_fd is None:
-            return None
-        fds: list[int] = []
-        fd = base_fd
-        try:
-            for part in parts:
-                fd = os.open(part, DIR_FLAGS, dir_fd=fd)
-                fds.append(fd)
-        except OSError as exc:
-            for fd in fds:
-                os.close(fd)
-            return False if isinstance(exc, FileNotFoundError) else None
-        try:
-            try:
-                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            except FileNotFoundError:
-                return False
-            if stat_mode.S_ISREG(st.st_mode) and not marked(fd):
-                try:
-                    os.unlink(name, dir_fd=fd)
-                    return True
-                except FileNotFoundError:
-                    return False
-                except OSError as exc:
-                    if exc.errno not in (errno.EISDIR, errno.EPERM):
-                        raise
-                    # replaced by a directory meanwhile (by another program): start over
-            dirs = Dirs(base_fd)
-            for part, part_fd in zip(parts, fds, strict=True):
-                dirs.descend(part, part_fd)
-            fds = []  # the chain owns them now
-            try:
-                return self._unlink(dirs, name)
-            finally:
-                dirs.prune()
-        finally:
-            prune_chain(base_fd, parts, fds)
 
     def _remove_many(self, keys: Sequence[str]) -> int:
         return sum(self._remove(key) for key in keys)
