@@ -362,9 +362,7 @@ class Workers:
                     continue
                 call = get()
                 self._busy = True
-            try:
-                call.ticket.pop()  # see _Call.claim
-            except IndexError:
+            if not call.claim():
                 continue  # its caller was cancelled before it started
             try:
                 call.result = call.func(*call.args)
