@@ -161,18 +161,31 @@ async def test_etag_survives_other_writers_and_if_match(redis_server: RedisServe
         await two.dispose()
 
 
+def _assert_pttl(pttl: int, ttl: float, since: float) -> None:
+    """``pttl`` (Redis's PTTL, in ms) is what ``ttl`` seconds set at ``since`` (monotonic)
+    leaves now: a bound that holds however long the machine stalled in between."""
+    elapsed_ms = (time.monotonic() - since) * 1000
+    assert ttl * 1000 - elapsed_ms - 2 <= pttl <= ttl * 1000, (pttl, elapsed_ms)
+
+
 async def test_ttl_is_native_with_millisecond_precision(
     raw: Redis, base: str, store: Storage
 ) -> None:
-    await store.set_item("t", 1, ttl=0.25)
-    pttl = await raw.pttl(base + ":t")
-    assert 100 < pttl <= 250  # milliseconds, not rounded to seconds
+    # Each TTL is a whole number of seconds plus a fraction, so a TTL rounded to seconds
+    # falls outside the bound unless the test stalled for about that fraction.
+    since = time.monotonic()
+    await store.set_item("t", 1, ttl=0.75)
+    _assert_pttl(await raw.pttl(base + ":t"), 0.75, since)
     meta = await store.get_meta("t")
-    assert meta is not None and meta.ttl is not None and 0.1 < meta.ttl <= 0.25
+    left = 0.75 - (time.monotonic() - since)
+    if left > 0.01:  # otherwise the item may be gone already
+        assert meta is not None and meta.ttl is not None and left - 0.01 <= meta.ttl <= 0.75
+    since = time.monotonic()
     await store.set_items({"u": 1, "v": 2}, ttl=1.5)
-    assert 1000 < await raw.pttl(base + ":u") <= 1500
+    _assert_pttl(await raw.pttl(base + ":u"), 1.5, since)
+    since = time.monotonic()
     assert await store.touch("u", ttl=0.3)
-    assert 100 < await raw.pttl(base + ":u") <= 300
+    _assert_pttl(await raw.pttl(base + ":u"), 0.3, since)
     assert await store.touch("v", ttl=None)
     assert await raw.pttl(base + ":v") == -1  # persisted
     assert await store.get_item("v") == 2
