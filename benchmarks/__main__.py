@@ -210,11 +210,16 @@ async def bench_driver(
     total = rounds * len(compared) * len(OPERATIONS)
     total += 2 * len(sizes) * len(scaled) * scaling_rounds
     task = progress.add_task(name, total=total)
+
+    def step() -> None:
+        progress.advance(task)
+        progress.refresh()
+
     rows: list[Row] = []
     try:
         for _ in range(rounds):
             for target in compared:
-                rows += await run_workload(name, target, count, lambda: progress.advance(task))
+                rows += await run_workload(name, target, count, step)
         rows = best_rounds(rows)
         if name in NODE_PEERS and not skip_node:
             where = {
@@ -229,7 +234,7 @@ async def bench_driver(
         scaled_rows: list[Row] = []
         for size in sizes:
             for _ in range(scaling_rounds):
-                scaled_rows += await run_scaling(name, scaled, size, lambda: progress.advance(task))
+                scaled_rows += await run_scaling(name, scaled, size, step)
         rows += best_rounds(scaled_rows)
     finally:
         for target in compared:
@@ -391,8 +396,14 @@ async def main(args: argparse.Namespace) -> int:
         pg_url = stack.enter_context(postgres_server()) if "postgres" in names else None
         http_url = stack.enter_context(http_server()) if "http" in names else None
         ctx = Context(Path(tmp), redis_url, s3_url, pg_url, http_url)
+        # Redrawn when a step ends, not by a thread of its own: that thread's drawing holds
+        # the GIL and would show up in the loop lag of whatever runs meanwhile.
         progress = Progress(
-            TextColumn("{task.description:>8}"), BarColumn(), TimeElapsedColumn(), console=console
+            TextColumn("{task.description:>8}"),
+            BarColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            auto_refresh=False,
         )
         with progress:
             for name in names:
