@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import anyio
 
-from .drivers.base import Driver
+from .drivers.base import Driver, Record
 from .keys import MAX_KEY_BYTES, base_covers, depth_below
 from .serializers import Serializer, fast_loads
 
@@ -49,9 +49,12 @@ class MountPoint:
     lock: anyio.Lock | None = None  # for conditions on drivers that cannot do them
     loads: Callable[[bytes], Any] = field(init=False)
     """:func:`~kvstorage.serializers.fast_loads` of the serializer."""
+    get_now: Callable[[str], Record | None] | None = field(init=False)
+    """The driver's :meth:`~kvstorage.drivers.Driver.synchronous_get`."""
 
     def __post_init__(self) -> None:
         self.loads = fast_loads(self.serializer)
+        self.get_now = self.driver.synchronous_get()
 
     @property
     def emits(self) -> bool:

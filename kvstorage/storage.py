@@ -306,8 +306,9 @@ class Storage:
         """Return the value at ``key``, or ``default`` when it is missing or expired."""
         located = self._shared.mounts.located.get(self._prefix + key) if type(key) is str else None
         _, mount, rel = self._locate(key) if located is None else located
+        get_now = mount.get_now
         try:
-            record = await mount.driver.get(rel)
+            record = get_now(rel) if get_now is not None else await mount.driver.get(rel)
         except Exception as exc:
             _raise_driver_error(mount, exc)
         if record is None or (record.expires_at is not None and record.expires_at <= time.time()):
@@ -482,8 +483,9 @@ class Storage:
         return stat
 
     async def _get_record(self, mount: MountPoint, rel: str) -> Record | None:
+        get_now = mount.get_now
         try:
-            record = await mount.driver.get(rel)
+            record = get_now(rel) if get_now is not None else await mount.driver.get(rel)
         except Exception as exc:
             _raise_driver_error(mount, exc)
         if record is None or is_expired(record.expires_at):

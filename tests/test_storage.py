@@ -301,3 +301,22 @@ async def test_a_custom_serializer_error_is_not_reported_as_bad_json() -> None:
         with pytest.raises(msgspec.DecodeError) as caught:
             await read("b")
         assert "not valid JSON" not in str(caught.value)
+
+
+async def test_a_memory_driver_whose_get_is_overridden_is_awaited() -> None:
+    # The core reads memory without awaiting get (synchronous_get), but not past a get
+    # a subclass put in: that get must see every read.
+    class CountingMemory(MemoryDriver):
+        reads = 0
+
+        async def get(self, key: str) -> Record | None:
+            CountingMemory.reads += 1
+            return await super().get(key)
+
+    plain, counting = MemoryDriver(), CountingMemory()
+    assert plain.synchronous_get() is not None and counting.synchronous_get() is None
+    storage = create_storage(counting)
+    await storage.set_item("a", 1)
+    assert await storage.get_item("a") == 1
+    assert (await storage.get_entry("a")) is not None
+    assert CountingMemory.reads == 2

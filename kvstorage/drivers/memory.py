@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 
 from ..keys import base_covers
 from .base import Capabilities, Driver, Record, check_condition, is_expired
@@ -60,16 +60,12 @@ class MemoryDriver(Driver):
         bound = f"max_entries={self._max_entries}" if self._max_entries else ""
         return f"MemoryDriver({bound})"
 
-    async def get(self, key: str) -> Record | None:  # peek, inlined: the hot path
-        record = self._data.get(key)
-        if record is None:
-            return None
-        if record.expires_at is not None and record.expires_at <= time.time():
-            del self._data[key]
-            return None
-        if self._lru is not None:
-            self._lru.move_to_end(key)
-        return record
+    async def get(self, key: str) -> Record | None:
+        return self.peek(key)
+
+    def synchronous_get(self) -> Callable[[str], Record | None] | None:
+        # A subclass that overrides get is awaited as usual.
+        return self.peek if type(self).get is MemoryDriver.get else None
 
     async def get_many(self, keys: Sequence[str]) -> list[Record | None]:
         return [self.peek(key) for key in keys]
