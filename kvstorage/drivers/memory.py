@@ -9,7 +9,7 @@ from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable, Sequence
 
 from ..keys import base_covers
-from .base import Capabilities, Driver, Record, check_condition, is_expired
+from .base import SCAN_PAGE, Capabilities, Driver, Record, check_condition, is_expired
 
 __all__ = ["MemoryDriver"]
 
@@ -150,16 +150,26 @@ class MemoryDriver(Driver):
                 removed += 1
         return removed
 
-    async def scan(
+    scan = Driver.scan_by_pages
+
+    async def scan_pages(
         self, base: str = "", *, max_depth: int | None = None
-    ) -> AsyncGenerator[str, None]:
+    ) -> AsyncGenerator[list[str], None]:
+        # Over a copy of the key references, a page at a time: writes between pages are
+        # safe, and a key removed or expired by then is left out.
+        prefix = base + ":" if base else ""
+        keys = [key for key in self._data if key.startswith(prefix)]
+        data = self._data
         now = time.time()
-        for key in list(self._data):
-            if not base_covers(base, key):
-                continue
-            record = self._data.get(key)
-            if record is not None and not is_expired(record.expires_at, now):
-                yield key
+        for start in range(0, len(keys), SCAN_PAGE):
+            page = [
+                key
+                for key in keys[start : start + SCAN_PAGE]
+                if (record := data.get(key)) is not None
+                and (record.expires_at is None or record.expires_at > now)
+            ]
+            if page:
+                yield page
 
     async def clear(self, base: str = "") -> None:
         if not base:
