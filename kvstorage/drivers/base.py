@@ -46,7 +46,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal, NamedTuple, Self
+from typing import ClassVar, Literal, NamedTuple, Self, TypeVar
 
 import msgspec
 
@@ -63,6 +63,8 @@ __all__ = [
     "is_expired",
     "require_asyncio",
 ]
+
+_K = TypeVar("_K")
 
 #: Keys per list of the default :meth:`Driver.scan_pages`.
 SCAN_PAGE = 256
@@ -196,15 +198,9 @@ class Driver(ABC):
         :data:`SCAN_PAGE` keys; drivers that read keys a page at a time from their backend
         (SQL, S3) yield those pages as they come.
         """
-        page: list[str] = []
-        async with contextlib.aclosing(self.scan(base, max_depth=max_depth)) as keys:
-            async for key in keys:
-                page.append(key)
-                if len(page) >= SCAN_PAGE:
-                    yield page
-                    page = []
-        if page:
-            yield page
+        async with contextlib.aclosing(pages_of(self.scan(base, max_depth=max_depth))) as pages:
+            async for page in pages:
+                yield page
 
     async def scan_by_pages(
         self, base: str = "", *, max_depth: int | None = None
@@ -309,6 +305,20 @@ def _running_library() -> str:
         else:
             return "trio"
     return "no event loop"
+
+
+async def pages_of(keys: AsyncGenerator[_K, None]) -> AsyncGenerator[list[_K], None]:
+    """The items of ``keys`` in lists of :data:`SCAN_PAGE` (never an empty one); closes
+    ``keys`` when done or closed early."""
+    page: list[_K] = []
+    async with contextlib.aclosing(keys):
+        async for key in keys:
+            page.append(key)
+            if len(page) >= SCAN_PAGE:
+                yield page
+                page = []
+    if page:
+        yield page
 
 
 def is_expired(expires_at: float | None, now: float | None = None) -> bool:

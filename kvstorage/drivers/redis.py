@@ -107,6 +107,7 @@ from .base import (
     EmitEvent,
     Record,
     Stat,
+    pages_of,
     require_asyncio,
 )
 
@@ -689,17 +690,28 @@ class RedisDriver(Driver):
 
     # -- listing --------------------------------------------------------------------------
 
-    async def scan(
+    scan = Driver.scan_by_pages
+
+    async def scan_pages(
         self, base: str = "", *, max_depth: int | None = None
-    ) -> AsyncGenerator[str, None]:
-        prefix = self._ns + base + ":" if base else self._ns
-        pattern = glob_escape(prefix) + "*"
+    ) -> AsyncGenerator[list[str], None]:
+        pattern = glob_escape(self._ns + base + ":" if base else self._ns) + "*"
         strip = len(self._ns)
         with self._unreachable:
             client = self._here() or await self._connect()
-            # on a cluster, scan_iter walks every primary
-            async for name in client.scan_iter(match=pattern, count=_SCAN_COUNT):
-                yield name.decode()[strip:]
+            if isinstance(client, RedisCluster):  # scan_iter walks every primary
+                every = cast(
+                    AsyncGenerator[bytes, None], client.scan_iter(match=pattern, count=_SCAN_COUNT)
+                )
+                async with contextlib.aclosing(pages_of(every)) as pages:
+                    async for page in pages:
+                        yield [name.decode()[strip:] for name in page]
+                return
+            cursor = None  # each SCAN reply is a page
+            while cursor != 0:
+                cursor, names = await client.scan(cursor or 0, match=pattern, count=_SCAN_COUNT)
+                if names:
+                    yield [name.decode()[strip:] for name in cast(list[bytes], names)]
 
     # -- watching -------------------------------------------------------------------------
 
