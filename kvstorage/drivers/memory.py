@@ -158,14 +158,15 @@ class MemoryDriver(Driver):
         # Over a copy of the key references, a page at a time: writes between pages are
         # safe, and a key removed or expired by then is left out.
         prefix = base + ":" if base else ""
-        keys = [key for key in self._data if key.startswith(prefix)]
         data = self._data
+        keys = list(data)
         now = time.time()
         for start in range(0, len(keys), SCAN_PAGE):
             page = [
                 key
                 for key in keys[start : start + SCAN_PAGE]
-                if (record := data.get(key)) is not None
+                if key.startswith(prefix)
+                and (record := data.get(key)) is not None
                 and (record.expires_at is None or record.expires_at > now)
             ]
             if page:
