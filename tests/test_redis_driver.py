@@ -795,14 +795,23 @@ async def test_a_lane_stops_polling_for_the_replies_of_a_distant_server(
         proxy.close()
 
 
+@pytest.mark.parametrize("cluster", [False, True], ids=["server", "cluster"])
 @pytest.mark.parametrize("given", [False, True], ids=["url", "given-client"])
 def test_a_driver_works_on_the_next_event_loop_from_its_first_call(
-    redis_server: RedisServer, base: str, given: bool
+    request: pytest.FixtureRequest, base: str, given: bool, cluster: bool
 ) -> None:
     # One asyncio.run after another (scripts, tests with a loop each): the connections of
     # the first loop cannot serve the second, and its first call must not fail for it.
-    client = Redis.from_url(redis_server.url) if given else None
-    driver = RedisDriver(redis_server.url if client is None else None, client=client, base=base)
+    client: Redis | RedisCluster | None = None
+    if cluster:
+        url = request.getfixturevalue("redis_cluster").url
+        if given:
+            ports = [node.port for node in request.getfixturevalue("redis_cluster").nodes]
+            client = RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", p) for p in ports])
+    else:
+        url = request.getfixturevalue("redis_server").url
+        client = Redis.from_url(url) if given else None
+    driver = RedisDriver(url if client is None else None, client=client, base=base)
     storage = create_storage(driver)
 
     async def first() -> str:

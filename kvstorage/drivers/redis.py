@@ -263,6 +263,19 @@ def _check_url(parts: SplitResult, shown: str) -> list[tuple[str, int]]:
     return []
 
 
+def _forget_connections(client: AnyRedis) -> None:
+    """Drop the connections of ``client`` without closing them (they belong to an event
+    loop that is gone); it opens new ones when next used."""
+    if isinstance(client, Redis):
+        client.connection_pool.reset()  # type: ignore[no-untyped-call,unused-ignore]
+        return
+    # Each cluster node keeps its own connections; redis-py can close them (an await on
+    # their loop) but not forget them, so their lists are emptied as the pool's reset does.
+    for node in [*client.get_nodes(), *client.nodes_manager.startup_nodes.values()]:
+        node._connections.clear()
+        node._free.clear()
+
+
 class _Unreachable:
     """Context manager: a connection failure (one of ``errors``) raised inside becomes
     :class:`~kvstorage.errors.DriverUnavailableError` naming the server as ``where()``
@@ -438,12 +451,12 @@ class RedisDriver(Driver):
         """Drop the client and lane made on another event loop (one ``asyncio.run`` after
         another): their connections belong to that loop, most likely closed, and can be
         neither used nor closed from this one. Ours go with their sockets (closed when
-        collected); a given client's connection pool is reset, so that it opens new
-        connections on this loop (a given cluster client is left as it is)."""
+        collected); a given client forgets its connections, so that it opens new ones on
+        this loop."""
         self._lane = None
         client, self._client = self._client, None
-        if client is not None and client is self._given and isinstance(client, Redis):
-            client.connection_pool.reset()  # type: ignore[no-untyped-call,unused-ignore]
+        if client is not None and client is self._given:
+            _forget_connections(client)
 
     def _open(self) -> AnyRedis:
         options: dict[str, Any] = {
