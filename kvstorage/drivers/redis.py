@@ -276,6 +276,34 @@ def _forget_connections(client: AnyRedis) -> None:
         node._free.clear()
 
 
+class _Watch:
+    """One ``watch`` of a driver: its callback, and the subscription and task listening
+    for it on one event loop (None before the first subscription)."""
+
+    __slots__ = ("emit", "pubsub", "task")
+
+    def __init__(self, emit: EmitEvent) -> None:
+        self.emit = emit
+        self.pubsub: PubSub | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def live(self) -> bool:
+        """Listening on the running event loop."""
+        return self.task is not None and self.task.get_loop() is _running_loop()
+
+    async def close(self) -> None:
+        """Stop listening and unsubscribe. What another event loop started is dropped: its
+        task ended with that loop, and its connection cannot be closed from this one."""
+        live, pubsub, task = self.live, self.pubsub, self.task
+        self.pubsub = self.task = None
+        if live and task is not None and pubsub is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
+
+
 class _Unreachable:
     """Context manager: a connection failure (one of ``errors``) raised inside becomes
     :class:`~kvstorage.errors.DriverUnavailableError` naming the server as ``where()``
@@ -394,10 +422,10 @@ class RedisDriver(Driver):
         self._client: AnyRedis | None = None
         self._lane: Lane | None = None  # standalone only
         self._lock: asyncio.Lock | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None  # of the client, lane and lock
+        self._loop: asyncio.AbstractEventLoop | None = None  # of the client, lane, lock, watches
         self._reads = ReadBatcher(self._get_one, self._mget)
         self._unreachable = _Unreachable(self._where, self.name)
-        self._watchers: set[Callable[[], Awaitable[None]]] = set()
+        self._watches: set[_Watch] = set()
         self.capabilities = Capabilities(
             ttl=True,
             watch=not cluster,
@@ -434,8 +462,15 @@ class RedisDriver(Driver):
                     # "cannot be connected" is a RedisClusterException
                     with self._unreachable.including(RedisClusterException):
                         await client.initialize()
-                elif Lane.usable(client):
-                    self._lane = Lane(client)
+                else:
+                    try:
+                        await self._resume_watches(client)
+                    except BaseException:
+                        if client is not self._given:
+                            await client.aclose()
+                        raise
+                    if Lane.usable(client):
+                        self._lane = Lane(client)
                 self._client = client
         return self._client
 
@@ -721,6 +756,29 @@ class RedisDriver(Driver):
         client = self._here() or await self._connect()
         if isinstance(client, RedisCluster):
             raise NotImplementedError("the redis driver does not watch a cluster")
+        watch = _Watch(emit)
+        await self._subscribe(client, watch)
+        self._watches.add(watch)
+        return partial(self._unwatch, watch)
+
+    async def _unwatch(self, watch: _Watch) -> None:
+        self._watches.discard(watch)
+        await watch.close()
+
+    async def _resume_watches(self, client: Redis) -> None:
+        """Subscribe again the watches whose listener ran on another event loop (it ended
+        with that loop), before the first call on this one is sent: that call's change is
+        reported. A failure raises from that call, and the next call tries again."""
+        for watch in list(self._watches):
+            if not watch.live:
+                await self._subscribe(client, watch)
+                if watch not in self._watches:  # unwatched meanwhile
+                    await watch.close()
+
+    async def _subscribe(self, client: Redis, watch: _Watch) -> None:
+        """Subscribe to the keyspace events under ``base`` and listen for ``watch`` on the
+        running loop; returns once Redis confirmed it: from then on, every write is
+        reported."""
         db = client.connection_pool.connection_kwargs.get("db", 0)
         channel = f"__keyspace@{db}__:{self._ns}"
         pubsub = client.pubsub()
@@ -728,25 +786,13 @@ class RedisDriver(Driver):
             try:
                 await self._enable_notifications(client)
                 await pubsub.psubscribe(f"__keyspace@{db}__:{glob_escape(self._ns)}*")
-                # Wait for the confirmation: from then on, every write is reported.
                 if await pubsub.get_message(timeout=self._timeout) is None:
                     raise TimeoutError("no reply to PSUBSCRIBE")
             except BaseException:
                 await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
                 raise
-        task = asyncio.get_running_loop().create_task(
-            self._listen(client, pubsub, emit, len(channel.encode()))
-        )
-
-        async def stop() -> None:
-            self._watchers.discard(stop)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
-
-        self._watchers.add(stop)
-        return stop
+        listener = self._listen(client, pubsub, watch.emit, len(channel.encode()))
+        watch.pubsub, watch.task = pubsub, asyncio.get_running_loop().create_task(listener)
 
     async def _enable_notifications(self, client: Redis) -> None:
         try:
@@ -802,8 +848,8 @@ class RedisDriver(Driver):
     # -- lifecycle ------------------------------------------------------------------------
 
     async def dispose(self) -> None:
-        for stop in list(self._watchers):
-            await stop()
+        for watch in list(self._watches):
+            await self._unwatch(watch)
         self._reads.cancel()
         if self._loop is not _running_loop():
             self._abandon()  # nothing of another loop can be closed from this one
