@@ -448,7 +448,8 @@ class RedisDriver(Driver):
 
     async def _connect(self) -> AnyRedis:
         """Create the client on first use (and initialize a cluster client once: redis-py
-        fails commands that race its first initialization)."""
+        fails commands that race its first initialization), and again on the first use on
+        another event loop, where the watches subscribe again."""
         require_asyncio(self.name)
         loop = asyncio.get_running_loop()
         if self._lock is None or self._loop is not loop:
