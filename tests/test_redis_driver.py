@@ -8,7 +8,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -795,14 +795,23 @@ async def test_a_lane_stops_polling_for_the_replies_of_a_distant_server(
         proxy.close()
 
 
+@pytest.mark.parametrize("cluster", [False, True], ids=["server", "cluster"])
 @pytest.mark.parametrize("given", [False, True], ids=["url", "given-client"])
 def test_a_driver_works_on_the_next_event_loop_from_its_first_call(
-    redis_server: RedisServer, base: str, given: bool
+    request: pytest.FixtureRequest, base: str, given: bool, cluster: bool
 ) -> None:
     # One asyncio.run after another (scripts, tests with a loop each): the connections of
     # the first loop cannot serve the second, and its first call must not fail for it.
-    client = Redis.from_url(redis_server.url) if given else None
-    driver = RedisDriver(redis_server.url if client is None else None, client=client, base=base)
+    client: Redis | RedisCluster | None = None
+    if cluster:
+        url = request.getfixturevalue("redis_cluster").url
+        if given:
+            ports = [node.port for node in request.getfixturevalue("redis_cluster").nodes]
+            client = RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", p) for p in ports])
+    else:
+        url = request.getfixturevalue("redis_server").url
+        client = Redis.from_url(url) if given else None
+    driver = RedisDriver(url if client is None else None, client=client, base=base)
     storage = create_storage(driver)
 
     async def first() -> str:
@@ -834,3 +843,73 @@ def test_a_driver_works_on_the_next_event_loop_from_its_first_call(
             await client.aclose()
 
     asyncio.run(last())
+
+
+def test_a_watch_keeps_reporting_on_the_next_event_loop(
+    redis_server: RedisServer, base: str
+) -> None:
+    # The listener of a watch started under one asyncio.run dies with that loop; the
+    # watch must not go quiet under the next one.
+    storage = create_storage(RedisDriver(redis_server.url, base=base))
+    events: list[tuple[str, str]] = []
+    stops: list[Callable[[], Awaitable[None]]] = []
+
+    async def reported(event: tuple[str, str]) -> None:
+        await eventually(lambda: _contains(events, event))
+
+    async def first() -> None:
+        stops.append(await storage.watch(lambda event, key: events.append((event, key))))
+        await storage.set_item("a", 1)
+        await reported(("update", "a"))
+
+    async def second() -> None:
+        await storage.set_item("b", 2)  # reported: the watch resumes before the write
+        await reported(("update", "b"))
+        other = create_storage(RedisDriver(redis_server.url, base=base))
+        await other.remove_item("a")  # another client: only Redis can tell us
+        await reported(("remove", "a"))
+        await other.dispose()
+        raw = Redis.from_url(redis_server.url)
+        subscribed = await raw.pubsub_numpat()
+        await stops[0]()  # the handle of the first loop stops the watch of this one
+        assert await raw.pubsub_numpat() == subscribed - 1
+        await raw.aclose()
+        stops[0] = await storage.watch(lambda event, key: events.append((event, key)))
+
+    async def last() -> None:
+        await stops[0]()  # before any call on this loop: nothing of the last one to close
+        await storage.clear()
+        await storage.dispose()
+
+    asyncio.run(first())
+    asyncio.run(second())
+    asyncio.run(last())
+
+
+def test_a_watch_that_cannot_resume_on_the_next_loop_fails_the_call_until_it_can(
+    tmp_path: Path,
+) -> None:
+    # Not a silent watch: the first call on the new loop raises while the subscription
+    # cannot be made again, and a later call makes it.
+    server = RedisServer(free_port(), tmp_path / "resume")
+    server.start()
+    storage = create_storage(RedisDriver(server.url, base="app", timeout=1))
+    events: list[tuple[str, str]] = []
+
+    async def first() -> None:
+        await storage.watch(lambda event, key: events.append((event, key)))
+
+    async def second() -> None:
+        with pytest.raises(DriverUnavailableError):
+            await storage.get_item("k")
+        server.start()  # same port, empty database, no notification flags
+        await storage.set_item("k", 1)
+        await eventually(lambda: _contains(events, ("update", "k")))
+        await storage.dispose()
+
+    try:
+        asyncio.run(first())
+        server.stop()
+        asyncio.run(second())
+    finally:
+        server.stop()

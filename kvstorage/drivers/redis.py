@@ -264,6 +264,47 @@ def _check_url(parts: SplitResult, shown: str) -> list[tuple[str, int]]:
     return []
 
 
+def _forget_connections(client: AnyRedis) -> None:
+    """Drop the connections of ``client`` without closing them (they belong to an event
+    loop that is gone); it opens new ones when next used."""
+    if isinstance(client, Redis):
+        client.connection_pool.reset()  # type: ignore[no-untyped-call,unused-ignore]
+        return
+    # Each cluster node keeps its own connections; redis-py can close them (an await on
+    # their loop) but not forget them, so their lists are emptied as the pool's reset does.
+    for node in [*client.get_nodes(), *client.nodes_manager.startup_nodes.values()]:
+        node._connections.clear()
+        node._free.clear()
+
+
+class _Watch:
+    """One ``watch`` of a driver: its callback, and the subscription and task listening
+    for it on one event loop (None before the first subscription)."""
+
+    __slots__ = ("emit", "pubsub", "task")
+
+    def __init__(self, emit: EmitEvent) -> None:
+        self.emit = emit
+        self.pubsub: PubSub | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def live(self) -> bool:
+        """Listening on the running event loop."""
+        return self.task is not None and self.task.get_loop() is _running_loop()
+
+    async def close(self) -> None:
+        """Stop listening and unsubscribe. What another event loop started is dropped: its
+        task ended with that loop, and its connection cannot be closed from this one."""
+        live, pubsub, task = self.live, self.pubsub, self.task
+        self.pubsub = self.task = None
+        if live and task is not None and pubsub is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
+
+
 class _Unreachable:
     """Context manager: a connection failure (one of ``errors``) raised inside becomes
     :class:`~kvstorage.errors.DriverUnavailableError` naming the server as ``where()``
@@ -382,10 +423,10 @@ class RedisDriver(Driver):
         self._client: AnyRedis | None = None
         self._lane: Lane | None = None  # standalone only
         self._lock: asyncio.Lock | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None  # of the client, lane and lock
+        self._loop: asyncio.AbstractEventLoop | None = None  # of the client, lane, lock, watches
         self._reads = ReadBatcher(self._get_one, self._mget)
         self._unreachable = _Unreachable(self._where, self.name)
-        self._watchers: set[Callable[[], Awaitable[None]]] = set()
+        self._watches: set[_Watch] = set()
         self.capabilities = Capabilities(
             ttl=True,
             watch=not cluster,
@@ -408,7 +449,8 @@ class RedisDriver(Driver):
 
     async def _connect(self) -> AnyRedis:
         """Create the client on first use (and initialize a cluster client once: redis-py
-        fails commands that race its first initialization)."""
+        fails commands that race its first initialization), and again on the first use on
+        another event loop, where the watches subscribe again."""
         require_asyncio(self.name)
         loop = asyncio.get_running_loop()
         if self._lock is None or self._loop is not loop:
@@ -422,8 +464,15 @@ class RedisDriver(Driver):
                     # "cannot be connected" is a RedisClusterException
                     with self._unreachable.including(RedisClusterException):
                         await client.initialize()
-                elif Lane.usable(client):
-                    self._lane = Lane(client)
+                else:
+                    try:
+                        await self._resume_watches(client)
+                    except BaseException:
+                        if client is not self._given:
+                            await client.aclose()
+                        raise
+                    if Lane.usable(client):
+                        self._lane = Lane(client)
                 self._client = client
         return self._client
 
@@ -439,12 +488,12 @@ class RedisDriver(Driver):
         """Drop the client and lane made on another event loop (one ``asyncio.run`` after
         another): their connections belong to that loop, most likely closed, and can be
         neither used nor closed from this one. Ours go with their sockets (closed when
-        collected); a given client's connection pool is reset, so that it opens new
-        connections on this loop (a given cluster client is left as it is)."""
+        collected); a given client forgets its connections, so that it opens new ones on
+        this loop."""
         self._lane = None
         client, self._client = self._client, None
-        if client is not None and client is self._given and isinstance(client, Redis):
-            client.connection_pool.reset()  # type: ignore[no-untyped-call,unused-ignore]
+        if client is not None and client is self._given:
+            _forget_connections(client)
 
     def _open(self) -> AnyRedis:
         options: dict[str, Any] = {
@@ -720,6 +769,29 @@ class RedisDriver(Driver):
         client = self._here() or await self._connect()
         if isinstance(client, RedisCluster):
             raise NotImplementedError("the redis driver does not watch a cluster")
+        watch = _Watch(emit)
+        await self._subscribe(client, watch)
+        self._watches.add(watch)
+        return partial(self._unwatch, watch)
+
+    async def _unwatch(self, watch: _Watch) -> None:
+        self._watches.discard(watch)
+        await watch.close()
+
+    async def _resume_watches(self, client: Redis) -> None:
+        """Subscribe again the watches whose listener ran on another event loop (it ended
+        with that loop), before the first call on this one is sent: that call's change is
+        reported. A failure raises from that call, and the next call tries again."""
+        for watch in list(self._watches):
+            if not watch.live:
+                await self._subscribe(client, watch)
+                if watch not in self._watches:  # unwatched meanwhile
+                    await watch.close()
+
+    async def _subscribe(self, client: Redis, watch: _Watch) -> None:
+        """Subscribe to the keyspace events under ``base`` and listen for ``watch`` on the
+        running loop; returns once Redis confirmed it: from then on, every write is
+        reported."""
         db = client.connection_pool.connection_kwargs.get("db", 0)
         channel = f"__keyspace@{db}__:{self._ns}"
         pubsub = client.pubsub()
@@ -727,25 +799,13 @@ class RedisDriver(Driver):
             try:
                 await self._enable_notifications(client)
                 await pubsub.psubscribe(f"__keyspace@{db}__:{glob_escape(self._ns)}*")
-                # Wait for the confirmation: from then on, every write is reported.
                 if await pubsub.get_message(timeout=self._timeout) is None:
                     raise TimeoutError("no reply to PSUBSCRIBE")
             except BaseException:
                 await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
                 raise
-        task = asyncio.get_running_loop().create_task(
-            self._listen(client, pubsub, emit, len(channel.encode()))
-        )
-
-        async def stop() -> None:
-            self._watchers.discard(stop)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
-
-        self._watchers.add(stop)
-        return stop
+        listener = self._listen(client, pubsub, watch.emit, len(channel.encode()))
+        watch.pubsub, watch.task = pubsub, asyncio.get_running_loop().create_task(listener)
 
     async def _enable_notifications(self, client: Redis) -> None:
         try:
@@ -801,8 +861,8 @@ class RedisDriver(Driver):
     # -- lifecycle ------------------------------------------------------------------------
 
     async def dispose(self) -> None:
-        for stop in list(self._watchers):
-            await stop()
+        for watch in list(self._watches):
+            await self._unwatch(watch)
         self._reads.cancel()
         if self._loop is not _running_loop():
             self._abandon()  # nothing of another loop can be closed from this one
