@@ -496,15 +496,19 @@ async def use_over_http(served: str) -> None:
 
 
 async def test_served_requests_do_not_wait_for_delayed_acks(served: str) -> None:
-    """Small answers go out at once (TCP_NODELAY): 100 requests one after the other take
-    well under the 4 s that 40 ms delayed-ACK stalls would cost."""
+    """Small answers go out at once (TCP_NODELAY): most of 100 requests one after the other
+    take well under the 40 ms a delayed ACK costs each of them (about 2 ms; a stall of the
+    machine slows a few, not half of them)."""
     store = create_storage(HTTPDriver(served, token=SECRET))
     await store.set_item("k", 1)
-    started = time.perf_counter()
+    seconds = []
     for _ in range(50):
-        await store.get_item("k")
-        await store.set_item("k", 2)
-    assert time.perf_counter() - started < 3.0
+        for call in (lambda: store.get_item("k"), lambda: store.set_item("k", 2)):
+            started = time.perf_counter()
+            await call()
+            seconds.append(time.perf_counter() - started)
+    median = sorted(seconds)[len(seconds) // 2]
+    assert median < 0.02, f"median request {median * 1000:.1f} ms"
     await store.dispose()
 
 
