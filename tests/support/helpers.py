@@ -49,17 +49,18 @@ class Stalls:
     """The stalls of the event loop seen by :func:`loop_stalls`'s ticker: the spans
     (monotonic time) during which it did not run for more than ``STALL`` s beyond its tick."""
 
-    def __init__(self, tick: float) -> None:
+    def __init__(self, tick: float = 0.01) -> None:
         self.tick = tick
         self.spans: list[tuple[float, float]] = []
         self.last_tick = time.monotonic()
+        self.ticking = False  # while loop_stalls runs
 
     def between(self, start: float, end: float) -> float:
         """Seconds of ``start``..``end`` (monotonic) the loop spent stalled, counting a
         stall still under way (one the ticker has had no turn to record yet)."""
         spans = list(self.spans)
         now = time.monotonic()
-        if now - self.last_tick > self.tick + STALL:
+        if self.ticking and now - self.last_tick > self.tick + STALL:
             spans.append((self.last_tick + self.tick, now))
         return sum(max(0.0, min(end, e) - max(start, s)) for s, e in spans)
 
@@ -72,6 +73,7 @@ async def loop_stalls(tick: float = 0.01) -> AsyncIterator[Stalls]:
     stalls = Stalls(tick)
 
     async def ticker(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+        stalls.last_tick, stalls.ticking = time.monotonic(), True
         task_status.started()
         while True:
             before = time.monotonic()
@@ -85,6 +87,7 @@ async def loop_stalls(tick: float = 0.01) -> AsyncIterator[Stalls]:
         try:
             yield stalls
         finally:
+            stalls.ticking = False
             group.cancel_scope.cancel()
 
 
