@@ -483,12 +483,13 @@ async def test_serve_and_use_over_http(url: str) -> None:
 
 async def use_over_http(served: str) -> None:
     env = {"KVSTORAGE_TOKEN": SECRET}
+    before = time.monotonic()  # each command below is a new process: seconds on a busy machine
     assert (await cli("set", served, "a:b", '{"x": 1}', "--ttl", "60", env=env)).returncode == 0
     got = await cli("get", f"{served}/a", "b", env=env)
     assert json.loads(got.stdout) == {"x": 1}
     assert (await cli("keys", served, env=env)).stdout == b"a:b\n"
     meta = json.loads((await cli("meta", served, "a:b", env=env)).stdout)
-    assert 55 < meta["ttl"] <= 60
+    assert 60 - (time.monotonic() - before) - 0.1 < meta["ttl"] <= 60
     refused = await cli("get", served, "a:b")
     assert refused.returncode == 3 and "token" in error_line(refused)
     wrong = await cli("get", f"http://:wrong-{SECRET}@{served[7:]}", "a:b")
@@ -496,15 +497,19 @@ async def use_over_http(served: str) -> None:
 
 
 async def test_served_requests_do_not_wait_for_delayed_acks(served: str) -> None:
-    """Small answers go out at once (TCP_NODELAY): 100 requests one after the other take
-    well under the 4 s that 40 ms delayed-ACK stalls would cost."""
+    """Small answers go out at once (TCP_NODELAY): most of 100 requests one after the other
+    take well under the 40 ms a delayed ACK costs each of them (about 2 ms; a stall of the
+    machine slows a few, not half of them)."""
     store = create_storage(HTTPDriver(served, token=SECRET))
     await store.set_item("k", 1)
-    started = time.perf_counter()
+    seconds = []
     for _ in range(50):
-        await store.get_item("k")
-        await store.set_item("k", 2)
-    assert time.perf_counter() - started < 3.0
+        for call in (lambda: store.get_item("k"), lambda: store.set_item("k", 2)):
+            started = time.perf_counter()
+            await call()
+            seconds.append(time.perf_counter() - started)
+    median = sorted(seconds)[len(seconds) // 2]
+    assert median < 0.02, f"median request {median * 1000:.1f} ms"
     await store.dispose()
 
 

@@ -251,9 +251,11 @@ async def test_x_expires_at_is_exact_and_wins(client: httpx.AsyncClient, storage
 
 
 async def test_x_ttl_expires_items(client: httpx.AsyncClient, storage: Storage) -> None:
+    written = time.monotonic()
     await client.put("/short", content=b"1", headers={"x-ttl": "0.3"})
     meta = await storage.get_meta("short")
-    assert meta is not None and meta.ttl is not None and meta.ttl <= 0.3
+    if time.monotonic() - written < 0.3:  # else a stall outlived the ttl: it may be gone
+        assert meta is not None and meta.ttl is not None and meta.ttl <= 0.3
 
     async def gone() -> bool:
         return (await client.get("/short")).status_code == 404
