@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from .support.helpers import eventually, loop_stalls
+from .support.helpers import Stalls, eventually, loop_stalls
 
 pytestmark = pytest.mark.anyio
 
@@ -39,12 +39,12 @@ async def test_loop_stalls_counts_a_blocked_loop() -> None:
     async with loop_stalls() as stalls:
         started = time.monotonic()
         time.sleep(0.3)  # noqa: ASYNC251 -- a stall the ticker has had no turn to record
-        assert 0.2 < stalls.between(started, time.monotonic()) <= 0.31
-        ended = time.monotonic()
+        ended = time.monotonic()  # (later than 0.3 s if the machine stalled too)
+        assert 0.2 < stalls.between(started, ended) <= ended - started
         await eventually(lambda: _recorded(stalls))
-        assert 0.2 < stalls.between(started, ended) <= 0.31
-        assert stalls.between(ended, time.monotonic()) < 0.2
+        assert 0.2 < stalls.between(started, ended) <= ended - started
+        assert stalls.between(ended, time.monotonic()) < 0.2  # the stall is over
 
 
-async def _recorded(stalls: object) -> bool:
-    return bool(getattr(stalls, "spans", None))
+async def _recorded(stalls: Stalls) -> bool:
+    return bool(stalls.spans)
