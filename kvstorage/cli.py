@@ -20,7 +20,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager, nullcontext, suppress
 from datetime import datetime
 from typing import IO, Any, NoReturn
@@ -29,6 +29,7 @@ import anyio
 import msgspec
 
 from .drivers import Driver, from_url
+from .drivers.base import pages_of
 from .errors import (
     ConditionFailedError,
     DriverError,
@@ -228,17 +229,6 @@ async def _sweep(args: argparse.Namespace) -> int:
 # -- copy ------------------------------------------------------------------------------
 
 
-async def _batches(storage: Storage, base: str) -> AsyncIterator[list[str]]:
-    batch: list[str] = []
-    async for key in storage.iter_keys(base):
-        batch.append(key)
-        if len(batch) >= _BATCH:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def _renamer(base: str, to: str | None) -> Callable[[str], str]:
     """Source key -> destination key: ``base`` replaced by ``to`` (kept without ``to``)."""
     if to is None:
@@ -360,7 +350,7 @@ async def _copy(args: argparse.Namespace) -> int:
 
     async def read() -> None:
         async with send:
-            async for keys in _batches(src, base):
+            async for keys in pages_of(src.iter_keys(base), _BATCH):
                 entries = await src.get_entries_raw(keys)
                 items = [(rename(k), e) for k, e in entries.items() if e is not None]
                 tally.skipped += len(keys) - len(items)  # expired or removed meanwhile
@@ -396,7 +386,7 @@ async def _dump(args: argparse.Namespace) -> int:
     (storage,) = args.storages
     out: IO[bytes] = args.output or _out()
     try:
-        async for keys in _batches(storage, args.base):
+        async for keys in pages_of(storage.iter_keys(args.base), _BATCH):
             entries = await storage.get_entries_raw(keys)
             now = time.time()
             for key, entry in entries.items():

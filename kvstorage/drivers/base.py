@@ -44,7 +44,7 @@ import contextlib
 import sys
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal, NamedTuple, Self, TypeVar
 
@@ -307,16 +307,22 @@ def _running_library() -> str:
     return "no event loop"
 
 
-async def pages_of(keys: AsyncGenerator[_K, None]) -> AsyncGenerator[list[_K], None]:
-    """The items of ``keys`` in lists of :data:`SCAN_PAGE` (never an empty one); closes
-    ``keys`` when done or closed early."""
+async def pages_of(
+    items: AsyncIterator[_K], size: int = SCAN_PAGE
+) -> AsyncGenerator[list[_K], None]:
+    """The items of ``items`` in lists of ``size`` (never an empty one). ``items`` is
+    closed (if it has ``aclose``, as async generators do) when done or closed early."""
     page: list[_K] = []
-    async with contextlib.aclosing(keys):
-        async for key in keys:
-            page.append(key)
-            if len(page) >= SCAN_PAGE:
+    try:
+        async for item in items:
+            page.append(item)
+            if len(page) >= size:
                 yield page
                 page = []
+    finally:
+        aclose = getattr(items, "aclose", None)
+        if aclose is not None:
+            await aclose()
     if page:
         yield page
 

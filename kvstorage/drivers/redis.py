@@ -749,9 +749,7 @@ class RedisDriver(Driver):
         with self._unreachable:
             client = self._here() or await self._connect()
             if isinstance(client, RedisCluster):  # scan_iter walks every primary
-                every = cast(
-                    AsyncGenerator[bytes, None], client.scan_iter(match=pattern, count=_SCAN_COUNT)
-                )
+                every = client.scan_iter(match=pattern, count=_SCAN_COUNT)
                 async with contextlib.aclosing(pages_of(every)) as pages:
                     async for page in pages:
                         yield [name.decode()[strip:] for name in page]
