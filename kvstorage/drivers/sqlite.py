@@ -461,14 +461,18 @@ class SQLiteDriver(Driver):
         if max_depth is not None:
             where += f" AND length(key) - length(replace(key, ':', '')) <= ?{3 + len(params)}"
             params += (max_depth + (base.count(":") + 1 if base else 0),)
-        limit = f"ORDER BY key LIMIT ?{3 + len(params)}"
         t = self._t
+
+        def page_where(condition: str) -> str:
+            return (
+                f"(SELECT json_group_array(key) FROM (SELECT key FROM {t} WHERE {condition} "
+                f"ORDER BY key LIMIT ?{3 + len(params)}))"
+            )
+
+        live = page_where(f"{where} AND (expiry IS NULL OR expiry > ?2)")
         sql = (
             f"SELECT CASE WHEN EXISTS (SELECT 1 FROM {t} WHERE expiry <= ?2) "
-            f"THEN (SELECT json_group_array(key) FROM (SELECT key FROM {t} WHERE {where} "
-            f"AND (expiry IS NULL OR expiry > ?2) {limit})) "
-            f"ELSE (SELECT json_group_array(key) FROM (SELECT key FROM {t} WHERE {where} "
-            f"{limit})) END"
+            f"THEN {live} ELSE {page_where(where)} END"
         )
         after = key_range(base)[0] if base else ""
         size = _FIRST_PAGE
