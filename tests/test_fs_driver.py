@@ -35,6 +35,7 @@ from kvstorage import (
     create_storage,
 )
 from kvstorage.drivers import FSDriver, from_url
+from kvstorage.drivers.fs import _worker
 from kvstorage.drivers.fs._driver import _temp_name
 from kvstorage.drivers.fs._worker import WORKERS, _Inbox
 
@@ -585,10 +586,11 @@ def test_fs_runs_on_trio_too() -> None:
 
 
 async def test_concurrent_reads_wake_the_loop_a_few_times_not_per_read(
-    storage: Storage, anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+    storage: Storage, driver: FSDriver, anyio_backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if anyio_backend != "asyncio":
         pytest.skip("trio calls take one plain thread hop each")
+    driver._inline.needed = 10**9  # every call in a worker, however fast
     keys = [f"k:{i}" for i in range(100)]
     await storage.set_items([(key, i) for i, key in enumerate(keys)])
     wakeups = 0
@@ -636,6 +638,163 @@ async def test_a_delivered_result_resumes_its_caller_at_once(
         "raised",
         "delivered",
     ]
+
+
+class _FakeClock:
+    """The workers' clock, moved on only by the calls it times (so what runs where does
+    not depend on the machine's speed)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.now = 0.0
+        monkeypatch.setattr(_worker, "_clock", lambda: self.now)
+
+
+def _where_calls_run(
+    driver: FSDriver, clock: _FakeClock, cost: list[float], *, in_workers_too: bool = True
+) -> list[str]:
+    """Make the driver's reads take ``cost[0]`` seconds of ``clock`` (those in workers
+    too, unless not ``in_workers_too``); return the list of where each one ran ("loop"
+    or "worker")."""
+    places: list[str] = []
+    loop_thread = threading.get_ident()
+    real = driver._get
+
+    def get(key: str) -> Any:
+        here = threading.get_ident() == loop_thread
+        places.append("loop" if here else "worker")
+        if here or in_workers_too:
+            clock.now += cost[0]
+        return real(key)
+
+    driver._get = get  # type: ignore[method-assign]
+    return places
+
+
+async def test_reads_that_prove_fast_run_on_the_loop_until_one_is_slow(
+    storage: Storage, driver: FSDriver, anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if anyio_backend != "asyncio":
+        pytest.skip("the worker threads serve asyncio")
+    await storage.set_item("k", 1)
+    clock, cost = _FakeClock(monkeypatch), [20e-6]
+    places = _where_calls_run(driver, clock, cost)
+    for _ in range(20):
+        assert await storage.get_item("k") == 1
+    assert places == ["worker"] * 16 + ["loop"] * 4  # 16 fast ones in a row first
+    places.clear()
+    cost[0] = 2e-3  # a slow disk: this one holds the loop, and it is the last one
+    assert await storage.get_item("k") == 1
+    cost[0] = 20e-6
+    for _ in range(40):
+        assert await storage.get_item("k") == 1
+    # twice as many fast ones in a row are needed after a slow call on the loop
+    assert places == ["loop"] + ["worker"] * 32 + ["loop"] * 8
+    places.clear()
+    cost[0] = 2e-3  # slow in a worker: the run starts over, nothing is doubled
+    await storage.get_item("k")
+    assert places == ["loop"]
+    for _ in range(33):
+        await storage.get_item("k")
+    assert places == ["loop"] + ["worker"] * 33
+
+
+async def test_calls_on_the_loop_leave_each_loop_iteration_after_half_a_millisecond(
+    storage: Storage, driver: FSDriver, anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if anyio_backend != "asyncio":
+        pytest.skip("the worker threads serve asyncio")
+    await storage.set_item("k", 1)
+    monkeypatch.setattr(_worker, "_WINDOW", 0.5e-3)
+    clock, cost = _FakeClock(monkeypatch), [1e-6]
+    places = _where_calls_run(driver, clock, cost, in_workers_too=False)
+    for _ in range(16):
+        await storage.get_item("k")
+    await asyncio.sleep(0)
+    cost[0] = 100e-6
+    order: list[str] = []
+    asyncio.get_running_loop().call_soon(order.append, "the loop's other work")
+    for _ in range(12):
+        await storage.get_item("k")
+        order.append("read")
+    # 5 x 0.1 ms fill one iteration's 0.5 ms; the next read waits for the next iteration
+    assert order == ["read"] * 5 + ["the loop's other work"] + ["read"] * 7
+    assert places[16:] == ["loop"] * 12
+    places.clear()
+    await asyncio.sleep(0)
+    # 30 at once: 5 in this iteration, 4 wait for the next one, the others go to workers
+    assert await asyncio.gather(*(storage.get_item("k") for _ in range(30))) == [1] * 30
+    assert places.count("loop") == 9
+    assert places.count("worker") == 21
+
+
+async def test_a_remove_on_the_loop_leaves_pruning_to_a_worker(
+    storage: Storage, driver: FSDriver, base: Path, anyio_backend: str
+) -> None:
+    if anyio_backend != "asyncio":
+        pytest.skip("the worker threads serve asyncio")
+    await storage.set_items([("a:b:c", 1), ("a:b:d", 1), ("e:f", 1)])
+    driver._inline.fast = driver._inline.needed  # proven fast
+    loop_thread = threading.get_ident()
+    real, threads = driver._remove, set()
+
+    def remove(key: str) -> bool:
+        threads.add(threading.get_ident())
+        return real(key)
+
+    driver._remove = remove  # type: ignore[method-assign]
+    assert await storage.remove_item("a:b:c")
+    assert await storage.remove_item("a:b:d")
+    assert await storage.remove_item("e:f")
+    assert threads == {loop_thread}
+    # removing a directory emptied of many files can take milliseconds: not on the loop
+    assert _tree(base) == ["a", "a/b", "e"]
+    await storage.set_item("x", 1)  # the next call in a worker prunes them
+    assert _tree(base) == ["x"]
+    assert await storage.remove_item("x")
+    await storage.set_item("g:h", 1)
+    assert await storage.remove_item("g:h")
+    assert _tree(base) == ["g"]
+    await driver.dispose()  # and so does dispose
+    assert _tree(base) == []
+
+
+async def test_a_call_on_the_loop_never_waits_for_a_lock(
+    storage: Storage, driver: FSDriver, base: Path, anyio_backend: str
+) -> None:
+    if anyio_backend != "asyncio":
+        pytest.skip("the worker threads serve asyncio")
+    await storage.set_item("k", 0)
+    driver._inline.fast = driver._inline.needed  # proven fast: removes run on the loop
+    stripe = zlib.crc32(b"k") % 64
+    held = os.open(base / ":locks" / f"{stripe:02x}", os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)  # as another process would
+    once = threading.Lock()
+
+    def release() -> None:
+        if once.acquire(blocking=False):
+            os.close(held)
+
+    timer = threading.Timer(5, release)  # (a loop blocked in flock wakes up)
+    timer.start()
+    ticks = 0
+    try:
+        async with anyio.create_task_group() as tasks:
+            removed: list[bool] = []
+
+            async def remove() -> None:
+                removed.append(await storage.remove_item("k"))
+
+            tasks.start_soon(remove)
+            for _ in range(20):  # the loop turns while the remove waits in a thread
+                await asyncio.sleep(0.001)
+                ticks += 1
+            assert not removed
+            release()
+    finally:
+        timer.cancel()
+    assert removed == [True]
+    assert ticks == 20
+    assert await storage.get_item("k") is None
 
 
 async def test_a_cancelled_caller_leaves_the_rest_of_its_batch_alone(

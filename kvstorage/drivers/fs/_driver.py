@@ -55,7 +55,7 @@ from ._layout import (
     parse_header,
 )
 from ._watch import Watcher
-from ._worker import WORKERS, WouldBlock, in_worker
+from ._worker import WORKERS, Inline, WouldBlock, in_worker, on_loop
 
 __all__ = ["FSDriver"]
 
@@ -182,6 +182,9 @@ class FSDriver(Driver):
         self._old_fds: list[int] = []  # closed on dispose (threads may still use them)
         self._lock_fds: dict[int, int] = {}
         self._stripes = [threading.Lock() for _ in range(_STRIPES)]
+        self._inline = Inline()  # reads and removes of one key, once they prove fast
+        # the directories of removes made on the loop, pruned by the next write
+        self._pending_prunes: set[tuple[str, ...]] = set()
 
     @classmethod
     def from_url(cls, url: str) -> FSDriver:
@@ -402,6 +405,8 @@ class FSDriver(Driver):
                     return operation()
                 finally:
                     self._release(held)
+                    if self._pending_prunes:
+                        self._prune_pending()
             except _Retry:
                 self._forget_deleted_base()
             except _NeedsDirectory as needed:
@@ -539,13 +544,13 @@ class FSDriver(Driver):
         return etag(found[0])
 
     async def get(self, key: str) -> Record | None:
-        return await WORKERS.run(self._get, key)
+        return await WORKERS.run(self._get, key, inline=self._inline)
 
     async def get_many(self, keys: Sequence[str]) -> list[Record | None]:
         return await self._run(self._get_many, keys)
 
     async def head(self, key: str) -> Stat | None:
-        return await WORKERS.run(self._head, key)
+        return await WORKERS.run(self._head, key, inline=self._inline)
 
     # -- writing ------------------------------------------------------------------------
 
@@ -708,7 +713,27 @@ class FSDriver(Driver):
         try:
             return self._unlink(dirs, name)
         finally:
-            dirs.prune()
+            if on_loop():  # removing a directory that held many files takes milliseconds
+                dirs.close()
+                self._pending_prunes.add(tuple(parts))
+            else:
+                dirs.prune()
+                if self._pending_prunes:
+                    self._prune_pending()
+
+    def _prune_pending(self) -> None:
+        """(in a worker: after each write, remove made there, clear and sweep, and on
+        dispose) Remove the directories that removes made on the event loop may have left
+        empty: they leave that to a worker (see :meth:`_remove_one`)."""
+        while self._pending_prunes:
+            try:
+                parts = self._pending_prunes.pop()
+            except KeyError:  # another worker took the last one
+                return
+            with contextlib.suppress(OSError):
+                dirs = self._open_dirs(parts, create=False)
+                if dirs is not None:
+                    dirs.prune()
 
     def _remove(self, key: str) -> bool:
         held = self._acquire(key)  # (no _Retry or _NeedsDirectory here: nothing is created)
@@ -722,7 +747,7 @@ class FSDriver(Driver):
 
     async def remove(self, key: str) -> bool:
         self._check_writable()
-        return await WORKERS.run(self._remove, key)
+        return await WORKERS.run(self._remove, key, inline=self._inline)
 
     async def remove_many(self, keys: Sequence[str]) -> int:
         self._check_writable()
@@ -845,6 +870,7 @@ class FSDriver(Driver):
             walk.close()
 
     def _clear(self, base: str, only_expired: bool) -> int:
+        self._prune_pending()
         removed = 0
         for dirs, name, key, may_expire in self._walk(base, None, prune=True):
             if only_expired and not may_expire:
@@ -889,6 +915,8 @@ class FSDriver(Driver):
             return []
 
     async def dispose(self) -> None:
+        if self._pending_prunes:
+            await WORKERS.run(self._prune_pending)
         with self._guard:
             fds = [*self._lock_fds.values(), *self._old_fds]
             self._lock_fds.clear()

@@ -16,6 +16,16 @@ A cancelled caller never leaves half an operation behind: a call not started yet
 runs, and one already running is waited for (as ``anyio.to_thread.run_sync`` does) before
 the cancellation goes on. Callers on other event loops than asyncio (trio) take the plain
 ``anyio.to_thread.run_sync`` hop.
+
+A hop costs 50 to 100 µs on a virtual machine (the kernel wakes an idle CPU on each side),
+while reading or removing a cached file takes 10 to 40 µs. So a driver's short calls (one
+key read or removed) run on the event loop's thread itself once its last
+:data:`_FAST_IN_A_ROW` calls each took under :data:`_SLOW` (see :class:`Inline`), for at
+most :data:`_WINDOW` of any one loop iteration: a few calls beyond that wait for the next
+iteration, the others go to the workers. A call on the loop that takes longer than
+:data:`_SLOW` sends the driver's calls back to the workers (and they come back only after
+twice as many fast calls in a row). So a slow disk or a network file system keeps using
+the workers, after at most one call held the loop.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import contextvars
 import os
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
@@ -33,7 +44,7 @@ from typing import Any, Generic, TypeVar
 import anyio
 import anyio.to_thread
 
-__all__ = ["WORKERS", "WouldBlock", "Workers", "in_worker"]
+__all__ = ["WORKERS", "Inline", "WouldBlock", "Workers", "in_worker", "on_loop"]
 
 _T = TypeVar("_T")
 
@@ -41,6 +52,13 @@ _get_running_loop = asyncio._get_running_loop
 _current_task = asyncio.current_task
 
 _BATCH = 16  # results a worker holds back before it wakes the event loop
+_SLOW = 1e-3  # seconds: a call slower than this stops a driver's calls on the loop
+_FAST_IN_A_ROW = 16  # calls under _SLOW before they run on the loop (doubled after each
+_MOST_IN_A_ROW = 4096  # slow call made on the loop, up to this)
+_WINDOW = 0.3e-3  # seconds of one loop iteration that calls on the loop may take
+_WAITING = 4  # callers that may wait for the next iteration's window (others: workers)
+
+_clock = time.perf_counter
 
 
 class WouldBlock(Exception):
@@ -53,9 +71,43 @@ _local = threading.local()
 
 
 def in_worker() -> bool:
-    """Whether this thread is a worker (which must not wait for locks: see
-    :class:`WouldBlock`)."""
+    """Whether this thread is a worker, or runs a call on the event loop (neither must
+    wait for locks: see :class:`WouldBlock`)."""
     return getattr(_local, "worker", False)
+
+
+def on_loop() -> bool:
+    """Whether this call runs on the event loop's thread (so what may take long, like
+    removing a directory that held many files, is better left to a worker)."""
+    return getattr(_local, "on_loop", False)
+
+
+class Inline:
+    """How long one driver's short calls took lately, which decides whether its next one
+    runs on the event loop's thread (see the module docstring). Every call made through
+    :meth:`Workers.run` with it is timed, in a worker or on the loop; a driver keeps one
+    for all the files it reaches (they are on one file system)."""
+
+    __slots__ = ("fast", "needed")
+
+    def __init__(self) -> None:
+        self.fast = 0  # calls under _SLOW in a row
+        self.needed = _FAST_IN_A_ROW
+
+    @property
+    def ready(self) -> bool:
+        """Whether the next call may run on the loop."""
+        return self.fast >= self.needed
+
+    def timed(self, seconds: float) -> None:
+        """Count one call that took ``seconds`` (from any thread: a lost update only
+        delays a decision)."""
+        if seconds < _SLOW:
+            self.fast += 1
+        else:
+            if self.ready:  # held the loop: be slower to trust the next fast run
+                self.needed = min(self.needed * 2, _MOST_IN_A_ROW)
+            self.fast = 0
 
 
 class _Inbox:
@@ -66,12 +118,14 @@ class _Inbox:
     the second one failing, and more Python on both threads); on loops that cannot watch
     a descriptor, with ``call_soon_threadsafe``."""
 
-    __slots__ = ("_done", "_fds", "_guard", "_loop", "_rung")
+    __slots__ = ("_done", "_fds", "_guard", "_loop", "_rung", "_waiting", "_window")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._done: deque[_Call[Any]] = deque()
         self._rung = False
+        self._window: float | None = None  # when this iteration's first call on the loop began
+        self._waiting = 0  # callers waiting for the next iteration to run on the loop
         self._guard = threading.Lock()  # a worker writes, or the pipe is closed
         self._fds: tuple[int, int] | None = None  # the pipe (read end, write end)
         read_fd, write_fd = os.pipe()
@@ -84,6 +138,33 @@ class _Inbox:
             os.close(write_fd)
         else:
             self._fds = read_fd, write_fd
+
+    def may_run_here(self) -> bool:
+        """(loop thread) Whether a call may still run on the loop in this iteration."""
+        if self._window is None:
+            self._window = _clock()
+            self._loop.call_soon(self._close_window)  # runs in the next iteration
+            return True
+        return _clock() - self._window < _WINDOW
+
+    async def wait_to_run_here(self) -> bool:
+        """(loop thread) Whether a call may run on the loop, in this iteration or, when
+        this one had its share, in the next, if only a few callers wait for it (the others
+        go to the workers: resuming many callers only to send most of them on would hold
+        the loop for nothing)."""
+        if self.may_run_here():
+            return True
+        if self._waiting >= _WAITING:
+            return False
+        self._waiting += 1
+        try:
+            await asyncio.sleep(0)
+        finally:
+            self._waiting -= 1
+        return self.may_run_here()
+
+    def _close_window(self) -> None:
+        self._window = None
 
     def put(self, call: _Call[Any]) -> None:
         """(worker thread) Keep a finished call for the next delivery."""
@@ -203,6 +284,7 @@ class _Call(Generic[_T]):
         "func",
         "future",
         "inbox",
+        "inline",
         "result",
         "ticket",
         "waiter",
@@ -214,11 +296,13 @@ class _Call(Generic[_T]):
         args: tuple[object, ...],
         future: _Future[_T],
         inbox: _Inbox,
+        inline: Inline | None,
     ) -> None:
         self.func = func
         self.args = args
         self.future = future
         self.inbox = inbox
+        self.inline = inline
         self.ticket = [None]  # whoever takes it decides whether the call runs
         self.result: _T | None = None
         self.error: BaseException | None = None
@@ -262,16 +346,29 @@ class Workers:
         self._inbox: tuple[asyncio.AbstractEventLoop, _Inbox] | None = None
         self._inboxes: dict[asyncio.AbstractEventLoop, _Inbox] = {}
 
-    async def run(self, func: Callable[..., _T], *args: object) -> _T:
+    async def run(self, func: Callable[..., _T], *args: object, inline: Inline | None = None) -> _T:
         """``func(*args)`` in a worker thread (in a thread of its own if it raises
-        :class:`WouldBlock`, and on event loops other than asyncio)."""
+        :class:`WouldBlock`, and on event loops other than asyncio). With ``inline``, the
+        call is timed, and it runs on the loop's thread when ``inline`` says the calls
+        are fast (see the module docstring); it must then be short (one key)."""
         loop = _get_running_loop()
         if loop is None or _current_task(loop) is None:  # trio, or its guest mode
             return await anyio.to_thread.run_sync(func, *args)
         last = self._inbox
         inbox = last[1] if last is not None and last[0] is loop else self._inbox_of(loop)
+        if inline is not None and inline.fast >= inline.needed and await inbox.wait_to_run_here():
+            started = _clock()
+            _local.worker = _local.on_loop = True  # locks held elsewhere: WouldBlock
+            try:
+                return func(*args)
+            except WouldBlock:
+                pass
+            finally:
+                _local.worker = _local.on_loop = False
+                inline.timed(_clock() - started)
+            return await anyio.to_thread.run_sync(func, *args)
         future: _Future[_T] = _Future(loop)
-        call = _Call(func, args, future, inbox)
+        call = _Call(func, args, future, inbox, inline)
         if not self._started:
             self._start()
         if not self._helping and (self._busy or self._queue.qsize()):  # call in a helper
@@ -364,10 +461,13 @@ class Workers:
                 self._busy = True
             if not call.claim():
                 continue  # its caller was cancelled before it started
+            started = _clock()
             try:
                 call.result = call.func(*call.args)
             except BaseException as exc:
                 call.error = exc
+            if call.inline is not None:
+                call.inline.timed(_clock() - started)
             inbox = call.inbox
             if held is not None and held is not inbox:
                 held.ring()
