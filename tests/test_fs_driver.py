@@ -35,6 +35,7 @@ from kvstorage import (
     create_storage,
 )
 from kvstorage.drivers import FSDriver, from_url
+from kvstorage.drivers.fs import _driver as fs_driver_module
 from kvstorage.drivers.fs import _worker
 from kvstorage.drivers.fs._driver import _temp_name
 from kvstorage.drivers.fs._worker import WORKERS, _Inbox
@@ -756,6 +757,37 @@ async def test_a_remove_on_the_loop_leaves_pruning_to_a_worker(
     assert _tree(base) == ["g"]
     await driver.dispose()  # and so does dispose
     assert _tree(base) == []
+
+
+async def test_pruning_left_by_removes_on_the_loop_is_bounded_and_follows_no_link(
+    storage: Storage,
+    driver: FSDriver,
+    base: Path,
+    tmp_path: Path,
+    anyio_backend: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if anyio_backend != "asyncio":
+        pytest.skip("the worker threads serve asyncio")
+    monkeypatch.setattr(fs_driver_module, "_PENDING_PRUNES", 2)
+    await storage.set_items([("a:k", 1), ("b:k", 1), ("c:k", 1), ("d:k", 1)])
+    driver._inline.fast = driver._inline.needed  # proven fast
+    assert await storage.remove_item("a:k")
+    assert await storage.remove_item("b:k")
+    assert _tree(base) == ["a", "b", "c", "c/k", "d", "d/k"]  # two left for a worker
+    assert await storage.remove_item("c:k")  # the third goes to a thread: it prunes all
+    assert _tree(base) == ["d", "d/k"]
+    assert await storage.remove_item("d:k")
+    assert _tree(base) == ["d"]
+    # a link put where the directory was, before the next write prunes: left alone
+    outside = tmp_path / "outside"
+    (outside / "empty").mkdir(parents=True)
+    os.rmdir(base / "d")
+    os.symlink(outside, base / "d")
+    await storage.set_item("x", 1)
+    assert (outside / "empty").is_dir()
+    assert (base / "d").is_symlink()
+    assert await storage.get_item("x") == 1
 
 
 async def test_a_call_on_the_loop_never_waits_for_a_lock(

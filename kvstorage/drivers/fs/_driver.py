@@ -62,6 +62,7 @@ __all__ = ["FSDriver"]
 _T = TypeVar("_T")
 
 _STRIPES = 64  # lock files (and in-process locks) shared by all keys
+_PENDING_PRUNES = 1024  # directories removes on the loop may leave for a worker to prune
 _CHUNK = 512  # keys per worker-thread hop when listing
 _KEYS_PER_TICK = 128  # keys a listing hands on per event-loop iteration (its lag < 1 ms)
 _LAZY_LEVELS = 4  # listing reads deeper directories at once to bound open descriptors
@@ -730,12 +731,14 @@ class FSDriver(Driver):
                 parts = self._pending_prunes.pop()
             except KeyError:  # another worker took the last one
                 return
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, DriverError):  # (a link there is left alone)
                 dirs = self._open_dirs(parts, create=False)
                 if dirs is not None:
                     dirs.prune()
 
     def _remove(self, key: str) -> bool:
+        if on_loop() and len(self._pending_prunes) >= _PENDING_PRUNES:
+            raise WouldBlock  # to a thread, which prunes them all
         held = self._acquire(key)  # (no _Retry or _NeedsDirectory here: nothing is created)
         try:
             return self._remove_one(key)
