@@ -691,12 +691,13 @@ async def test_reads_that_prove_fast_run_on_the_loop_until_one_is_slow(
     # twice as many fast ones in a row are needed after a slow call on the loop
     assert places == ["loop"] + ["worker"] * 32 + ["loop"] * 8
     places.clear()
-    cost[0] = 2e-3  # slow in a worker: the run starts over, nothing is doubled
-    await storage.get_item("k")
-    assert places == ["loop"]
-    for _ in range(33):
+    cost[0] = 2e-3  # slow on the loop again: 64 fast ones in a row are needed now
+    for _ in range(11):  # the 10 after it are slow in workers: each starts the run over
         await storage.get_item("k")
-    assert places == ["loop"] + ["worker"] * 33
+    cost[0] = 20e-6
+    for _ in range(65):
+        await storage.get_item("k")
+    assert places == ["loop"] + ["worker"] * 10 + ["worker"] * 64 + ["loop"]
 
 
 async def test_calls_on_the_loop_leave_each_loop_iteration_after_half_a_millisecond(
