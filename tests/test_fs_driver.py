@@ -650,6 +650,13 @@ class _FakeClock:
         monkeypatch.setattr(_worker, "_clock", lambda: self.now)
 
 
+def _proven_fast(driver: FSDriver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Have the driver's short calls run on the loop from now on, however long they take
+    on a loaded machine (the workers' clock stands still)."""
+    _FakeClock(monkeypatch)
+    driver._inline.fast = driver._inline.needed
+
+
 def _where_calls_run(
     driver: FSDriver, clock: _FakeClock, cost: list[float], *, in_workers_too: bool = True
 ) -> list[str]:
@@ -730,12 +737,16 @@ async def test_calls_on_the_loop_leave_each_loop_iteration_after_half_a_millisec
 
 
 async def test_a_remove_on_the_loop_leaves_pruning_to_a_worker(
-    storage: Storage, driver: FSDriver, base: Path, anyio_backend: str
+    storage: Storage,
+    driver: FSDriver,
+    base: Path,
+    anyio_backend: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     if anyio_backend != "asyncio":
         pytest.skip("the worker threads serve asyncio")
     await storage.set_items([("a:b:c", 1), ("a:b:d", 1), ("e:f", 1)])
-    driver._inline.fast = driver._inline.needed  # proven fast
+    _proven_fast(driver, monkeypatch)
     loop_thread = threading.get_ident()
     real, threads = driver._remove, set()
 
@@ -772,7 +783,7 @@ async def test_pruning_left_by_removes_on_the_loop_is_bounded_and_follows_no_lin
         pytest.skip("the worker threads serve asyncio")
     monkeypatch.setattr(fs_driver_module, "_PENDING_PRUNES", 2)
     await storage.set_items([("a:k", 1), ("b:k", 1), ("c:k", 1), ("d:k", 1)])
-    driver._inline.fast = driver._inline.needed  # proven fast
+    _proven_fast(driver, monkeypatch)
     assert await storage.remove_item("a:k")
     assert await storage.remove_item("b:k")
     assert _tree(base) == ["a", "b", "c", "c/k", "d", "d/k"]  # two left for a worker
@@ -792,12 +803,16 @@ async def test_pruning_left_by_removes_on_the_loop_is_bounded_and_follows_no_lin
 
 
 async def test_a_call_on_the_loop_never_waits_for_a_lock(
-    storage: Storage, driver: FSDriver, base: Path, anyio_backend: str
+    storage: Storage,
+    driver: FSDriver,
+    base: Path,
+    anyio_backend: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     if anyio_backend != "asyncio":
         pytest.skip("the worker threads serve asyncio")
     await storage.set_item("k", 0)
-    driver._inline.fast = driver._inline.needed  # proven fast: removes run on the loop
+    _proven_fast(driver, monkeypatch)  # removes run on the loop
     stripe = zlib.crc32(b"k") % 64
     held = os.open(base / ":locks" / f"{stripe:02x}", os.O_RDONLY)
     fcntl.flock(held, fcntl.LOCK_EX)  # as another process would
