@@ -54,6 +54,14 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
+def asyncio_only(anyio_backend: str) -> None:
+    """Skip on trio: the worker threads (and calls run on the loop) serve asyncio; trio
+    takes one plain thread hop per call."""
+    if anyio_backend != "asyncio":
+        pytest.skip("the worker threads serve asyncio")
+
+
+@pytest.fixture
 def base(tmp_path: Path) -> Path:
     return tmp_path / "data"
 
@@ -586,11 +594,10 @@ def test_fs_runs_on_trio_too() -> None:
     assert not FSDriver.capabilities.asyncio_only
 
 
+@pytest.mark.usefixtures("asyncio_only")
 async def test_concurrent_reads_wake_the_loop_a_few_times_not_per_read(
-    storage: Storage, driver: FSDriver, anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+    storage: Storage, driver: FSDriver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if anyio_backend != "asyncio":
-        pytest.skip("trio calls take one plain thread hop each")
     driver._inline.needed = 10**9  # every call in a worker, however fast
     keys = [f"k:{i}" for i in range(100)]
     await storage.set_items([(key, i) for i, key in enumerate(keys)])
@@ -612,11 +619,10 @@ async def test_concurrent_reads_wake_the_loop_a_few_times_not_per_read(
     assert wakeups == 10
 
 
+@pytest.mark.usefixtures("asyncio_only")
 async def test_a_delivered_result_resumes_its_caller_at_once(
-    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    if anyio_backend != "asyncio":
-        pytest.skip("the worker threads serve asyncio")
     order: list[str] = []
     real = _Inbox._deliver
 
@@ -678,11 +684,10 @@ def _where_calls_run(
     return places
 
 
+@pytest.mark.usefixtures("asyncio_only")
 async def test_reads_that_prove_fast_run_on_the_loop_until_one_is_slow(
-    storage: Storage, driver: FSDriver, anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+    storage: Storage, driver: FSDriver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if anyio_backend != "asyncio":
-        pytest.skip("the worker threads serve asyncio")
     await storage.set_item("k", 1)
     clock, cost = _FakeClock(monkeypatch), [20e-6]
     places = _where_calls_run(driver, clock, cost)
@@ -707,11 +712,10 @@ async def test_reads_that_prove_fast_run_on_the_loop_until_one_is_slow(
     assert places == ["loop"] + ["worker"] * 10 + ["worker"] * 64 + ["loop"]
 
 
+@pytest.mark.usefixtures("asyncio_only")
 async def test_calls_on_the_loop_leave_each_loop_iteration_after_half_a_millisecond(
-    storage: Storage, driver: FSDriver, anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+    storage: Storage, driver: FSDriver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if anyio_backend != "asyncio":
-        pytest.skip("the worker threads serve asyncio")
     await storage.set_item("k", 1)
     monkeypatch.setattr(_worker, "_WINDOW", 0.5e-3)
     clock, cost = _FakeClock(monkeypatch), [1e-6]
@@ -736,15 +740,13 @@ async def test_calls_on_the_loop_leave_each_loop_iteration_after_half_a_millisec
     assert places.count("worker") == 21
 
 
+@pytest.mark.usefixtures("asyncio_only")
 async def test_a_remove_on_the_loop_leaves_pruning_to_a_worker(
     storage: Storage,
     driver: FSDriver,
     base: Path,
-    anyio_backend: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    if anyio_backend != "asyncio":
-        pytest.skip("the worker threads serve asyncio")
     await storage.set_items([("a:b:c", 1), ("a:b:d", 1), ("e:f", 1)])
     _proven_fast(driver, monkeypatch)
     loop_thread = threading.get_ident()
@@ -771,16 +773,14 @@ async def test_a_remove_on_the_loop_leaves_pruning_to_a_worker(
     assert _tree(base) == []
 
 
+@pytest.mark.usefixtures("asyncio_only")
 async def test_pruning_left_by_removes_on_the_loop_is_bounded_and_follows_no_link(
     storage: Storage,
     driver: FSDriver,
     base: Path,
     tmp_path: Path,
-    anyio_backend: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    if anyio_backend != "asyncio":
-        pytest.skip("the worker threads serve asyncio")
     monkeypatch.setattr(fs_driver_module, "_PENDING_PRUNES", 2)
     await storage.set_items([("a:k", 1), ("b:k", 1), ("c:k", 1), ("d:k", 1)])
     _proven_fast(driver, monkeypatch)
@@ -802,15 +802,13 @@ async def test_pruning_left_by_removes_on_the_loop_is_bounded_and_follows_no_lin
     assert await storage.get_item("x") == 1
 
 
+@pytest.mark.usefixtures("asyncio_only")
 async def test_a_call_on_the_loop_never_waits_for_a_lock(
     storage: Storage,
     driver: FSDriver,
     base: Path,
-    anyio_backend: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    if anyio_backend != "asyncio":
-        pytest.skip("the worker threads serve asyncio")
     await storage.set_item("k", 0)
     _proven_fast(driver, monkeypatch)  # removes run on the loop
     stripe = zlib.crc32(b"k") % 64
@@ -881,9 +879,8 @@ async def test_a_cancelled_caller_leaves_the_rest_of_its_batch_alone(
         assert await storage.get_item(keys[0]) == "old"
 
 
-async def test_workers_drop_calls_cancelled_before_they_start(anyio_backend: str) -> None:
-    if anyio_backend != "asyncio":
-        pytest.skip("the worker threads serve asyncio")
+@pytest.mark.usefixtures("asyncio_only")
+async def test_workers_drop_calls_cancelled_before_they_start() -> None:
     release = threading.Event()
     ran: list[str] = []
     async with anyio.create_task_group() as tasks:

@@ -356,7 +356,7 @@ class Workers:
             return await anyio.to_thread.run_sync(func, *args)
         last = self._inbox
         inbox = last[1] if last is not None and last[0] is loop else self._inbox_of(loop)
-        if inline is not None and inline.fast >= inline.needed and await inbox.wait_to_run_here():
+        if inline is not None and inline.ready and await inbox.wait_to_run_here():
             started = _clock()
             _local.worker = _local.on_loop = True  # locks held elsewhere: WouldBlock
             try:
