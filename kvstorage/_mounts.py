@@ -51,10 +51,14 @@ class MountPoint:
     """:func:`~kvstorage.serializers.fast_loads` of the serializer."""
     get_now: Callable[[str], Record | None] | None = field(init=False)
     """The driver's :meth:`~kvstorage.drivers.Driver.synchronous_get`."""
+    set_now: Callable[[str, bytes, float | None], object] | None = field(init=False)
+    """The driver's :meth:`~kvstorage.drivers.Driver.synchronous_set` (None when the driver
+    is read-only)."""
 
     def __post_init__(self) -> None:
         self.loads = fast_loads(self.serializer)
         self.get_now = self.driver.synchronous_get()
+        self.set_now = None if self.driver.read_only else self.driver.synchronous_set()
 
     @property
     def emits(self) -> bool:

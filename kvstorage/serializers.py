@@ -121,9 +121,9 @@ class JSONSerializer:
         """Serialize a JSON value; raise :class:`SerializationError` for anything else."""
         try:
             kind = type(value)
-            if kind is dict:  # the common case, one level inlined
-                for key, item in value.items():
-                    if type(key) is not str or type(item) not in _SCALARS:
+            if kind is dict:  # the common case, one level inlined (keys: no item tuples)
+                for key in value:
+                    if type(key) is not str or type(value[key]) not in _SCALARS:
                         _check_json(value)
                         break
             elif kind not in _SCALARS:

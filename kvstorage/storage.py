@@ -250,6 +250,7 @@ class Storage:
     _shared: _Shared
     _base: str  # the prefix_storage base of this view ("" for the storage itself)
     _prefix: str  # _base + ":" or ""
+    _located: dict[str, tuple[str, MountPoint, str]]  # _shared.mounts.located, one dict
 
     def __init__(
         self,
@@ -265,6 +266,7 @@ class Storage:
         """
         self._shared = _Shared(get_serializer(serializer), sweep_interval=sweep_interval)
         self._base = self._prefix = ""
+        self._located = self._shared.mounts.located
         self.mount("", driver if driver is not None else MemoryDriver())
 
     def __repr__(self) -> str:
@@ -281,7 +283,7 @@ class Storage:
     def _locate(self, key: str) -> tuple[str, MountPoint, str]:
         """(full key, mount, driver-relative key) of the item key ``key`` of this view."""
         if type(key) is str:  # the hot path: a key already normal, used recently
-            located = self._shared.mounts.located.get(self._prefix + key)
+            located = self._located.get(self._prefix + key)
             if located is not None:
                 return located
             if len(key) <= MAX_KEY_BYTES and is_normal(key):  # a new key, already normal
@@ -304,7 +306,7 @@ class Storage:
 
     async def get_item(self, key: str, default: Any = None) -> Any:
         """Return the value at ``key``, or ``default`` when it is missing or expired."""
-        located = self._shared.mounts.located.get(self._prefix + key) if type(key) is str else None
+        located = self._located.get(self._prefix + key) if type(key) is str else None
         _, mount, rel = self._locate(key) if located is None else located
         get_now = mount.get_now
         try:
@@ -345,20 +347,20 @@ class Storage:
             SerializationError: the value cannot be serialized (nothing is written).
             ConditionFailedError: a condition was false (nothing is written).
         """
-        full, mount, rel = self._locate(key)
+        located = self._located.get(self._prefix + key) if type(key) is str else None
+        full, mount, rel = self._locate(key) if located is None else located
         expires_at = None if ttl is None else _expires_at(ttl)
-        if if_absent or if_match is not None:
+        conditional = if_absent or if_match is not None
+        if conditional:
             _check_conditions(if_absent, if_match)
-            data = mount.serializer.dumps(value)
+        data = mount.serializer.dumps(value)
+        set_now = mount.set_now
+        if set_now is None or conditional:
             await self._write(full, mount, rel, data, expires_at, if_absent, if_match)
             return
-        # The unconditional write: _write's common case, inlined.
-        data = mount.serializer.dumps(value)
-        driver = mount.driver
-        if driver.read_only:
-            _refuse_write(mount)
+        # A driver whose writes never wait (memory): written without a coroutine.
         try:
-            await driver.set(rel, data, expires_at=expires_at)
+            set_now(rel, data, expires_at)
         except Exception as exc:
             _raise_driver_error(mount, exc)
         if self._shared.watchers and mount.emits:
@@ -899,4 +901,5 @@ def prefix_storage(storage: Storage, base: str) -> Storage:
     view._shared = storage._shared
     view._base = full
     view._prefix = full + ":"
+    view._located = storage._located
     return view

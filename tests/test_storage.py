@@ -303,6 +303,41 @@ async def test_a_custom_serializer_error_is_not_reported_as_bad_json() -> None:
         assert "not valid JSON" not in str(caught.value)
 
 
+async def test_a_memory_driver_whose_set_is_overridden_is_awaited() -> None:
+    # The core writes memory without awaiting set (synchronous_set), but not past a set
+    # a subclass put in: that set must see every write.
+    class CountingMemory(MemoryDriver):
+        writes = 0
+
+        async def set(self, key: str, value: bytes, **options: Any) -> str:
+            CountingMemory.writes += 1
+            return await super().set(key, value, **options)
+
+    plain, counting = MemoryDriver(), CountingMemory()
+    assert plain.synchronous_set() is not None and counting.synchronous_set() is None
+    storage = create_storage(counting)
+    await storage.set_item("a", 1)
+    await storage.set_item("b", 2, ttl=60)
+    await storage.set_item_raw("c", b"3")
+    assert await storage.get_items(["a", "b", "c"]) == {"a": 1, "b": 2, "c": 3}
+    assert CountingMemory.writes == 3
+
+
+async def test_memory_written_without_awaiting_keeps_its_bound_expiry_and_etags() -> None:
+    storage = create_storage(MemoryDriver(max_entries=2))
+    await storage.set_item("a", 1)
+    first = await storage.get_meta("a")
+    await storage.set_item("a", 2, ttl=60)
+    await storage.set_item("b", 3)
+    await storage.set_item("c", 4)  # evicts a, the least recently used
+    assert await storage.get_keys() == ["b", "c"]
+    await storage.set_item("b", 5, ttl=60)
+    second = await storage.get_meta("b")
+    assert first is not None and second is not None and first.etag != second.etag
+    assert second.expires_at is not None and second.mtime is not None
+    assert 59 < (second.expires_at - second.mtime).total_seconds() <= 60
+
+
 async def test_a_memory_driver_whose_get_is_overridden_is_awaited() -> None:
     # The core reads memory without awaiting get (synchronous_get), but not past a get
     # a subclass put in: that get must see every read.

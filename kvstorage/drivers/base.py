@@ -10,8 +10,8 @@ Only :meth:`Driver.get`, :meth:`Driver.set`, :meth:`Driver.remove` and :meth:`Dr
 are abstract. Every other method has a correct default built on those four; a driver
 overrides one when its backend can do the same work in fewer round trips (``MGET``, one SQL
 transaction, ...). A driver whose data is in this process (memory) may also offer
-:meth:`Driver.synchronous_get`, which the core then calls on its hot path instead of
-awaiting ``get``.
+:meth:`Driver.synchronous_get` and :meth:`Driver.synchronous_set`, which the core then
+calls on its hot paths instead of awaiting ``get`` and ``set``.
 
 Contract, in short:
 
@@ -153,6 +153,13 @@ class Driver(ABC):
         is in this process), or None (the default). The core then calls it instead of
         awaiting :meth:`get`, one coroutine less per read; it must do exactly what
         :meth:`get` does."""
+        return None
+
+    def synchronous_set(self) -> Callable[[str, bytes, float | None], object] | None:
+        """:meth:`set` without conditions as a plain function ``(key, value, expires_at)``,
+        for a driver whose writes never wait (its data is in this process), or None (the
+        default). The core may call it for an unconditional write instead of awaiting
+        :meth:`set`; it must do exactly what :meth:`set` does."""
         return None
 
     @abstractmethod
