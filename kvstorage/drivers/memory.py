@@ -13,7 +13,7 @@ from .base import SCAN_PAGE, Capabilities, Driver, Record, check_condition, is_e
 
 __all__ = ["MemoryDriver"]
 
-_versions = itertools.count(1)
+_versions = itertools.count(1)  # etags are hex(next(_versions)): cheaper than str()
 
 
 class MemoryDriver(Driver):
@@ -94,14 +94,14 @@ class MemoryDriver(Driver):
         data = self._data  # never replaced: clear() empties it
 
         def store(key: str, value: bytes, expires_at: float | None) -> str:
-            etag = str(next(_versions))
+            etag = hex(next(_versions))
             data[key] = Record(value, etag, time.time(), expires_at)
             return etag
 
         return store
 
     def _store(self, key: str, value: bytes, expires_at: float | None) -> str:
-        etag = str(next(_versions))
+        etag = hex(next(_versions))
         record = Record(value, etag, time.time(), expires_at)
         if self._lru is None:  # the hot path, inlined
             self._data[key] = record
