@@ -350,15 +350,14 @@ class Storage:
         located = self._located.get(self._prefix + key) if type(key) is str else None
         full, mount, rel = self._locate(key) if located is None else located
         expires_at = None if ttl is None else _expires_at(ttl)
-        conditional = if_absent or if_match is not None
-        if conditional:
-            _check_conditions(if_absent, if_match)
-        data = mount.serializer.dumps(value)
         set_now = mount.set_now
-        if set_now is None or conditional:
+        if set_now is None or if_absent or if_match is not None:
+            _check_conditions(if_absent, if_match)
+            data = mount.serializer.dumps(value)
             await self._write(full, mount, rel, data, expires_at, if_absent, if_match)
             return
-        # A driver whose writes never wait (memory): written without a coroutine.
+        # An unconditional write to a driver that never waits (memory): no coroutine.
+        data = mount.serializer.dumps(value)
         try:
             set_now(rel, data, expires_at)
         except Exception as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import subprocess
 import sys
+import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -321,6 +322,18 @@ async def test_a_memory_driver_whose_set_is_overridden_is_awaited() -> None:
     await storage.set_item_raw("c", b"3")
     assert await storage.get_items(["a", "b", "c"]) == {"a": 1, "b": 2, "c": 3}
     assert CountingMemory.writes == 3
+
+
+async def test_memory_read_without_awaiting_never_shows_an_expired_key() -> None:
+    driver = MemoryDriver()
+    storage = create_storage(driver)
+    await driver.set("gone", b"1", expires_at=time.time() - 1)
+    await driver.set("kept", b"2", expires_at=time.time() + 60)
+    assert await storage.get_item("gone", "missing") == "missing"
+    assert await storage.get_item_raw("gone") is None
+    assert await storage.get_item("kept") == 2
+    assert await storage.sweep() == 1  # the expired record was still held until now
+    assert await driver.get("gone") is None
 
 
 async def test_memory_written_without_awaiting_keeps_its_bound_expiry_and_etags() -> None:

@@ -23,10 +23,10 @@ class MemoryDriver(Driver):
         max_entries: keep at most this many keys, evicting the least recently used
             (read or written) first. None (default) means unbounded.
 
-    Expired keys are dropped when read, listed or swept (``storage.sweep()`` or the
-    storage's ``sweep_interval``). Operations never wait, so conditions are atomic by
-    construction. Listing copies the key references (8 bytes per key) so that writes
-    during iteration are safe.
+    An expired key is invisible at once; its memory is freed when it is swept
+    (``storage.sweep()`` or the storage's ``sweep_interval``), overwritten or removed.
+    Operations never wait, so conditions are atomic by construction. Listing copies the
+    key references (8 bytes per key) so that writes during iteration are safe.
     """
 
     name = "memory"
@@ -65,7 +65,12 @@ class MemoryDriver(Driver):
 
     def synchronous_get(self) -> Callable[[str], Record | None] | None:
         # A subclass that overrides get is awaited as usual.
-        return self.peek if type(self).get is MemoryDriver.get else None
+        if type(self).get is not MemoryDriver.get:
+            return None
+        if self._lru is not None:
+            return self.peek
+        # Unbounded: the dict's own get. The core treats an expired record as missing.
+        return self._data.get
 
     async def get_many(self, keys: Sequence[str]) -> list[Record | None]:
         return [self.peek(key) for key in keys]
