@@ -549,20 +549,17 @@ class Storage:
         """Return ``{normalized key: value or None}`` in input order, one driver batch per
         mount."""
         order = list(map(normalize_key, _key_list(keys)))
-        batches = await self._get_many(order)
+        groups = self._shared.mounts.group(order, self._prefix)
         # Several mounts fill the result out of order: it starts with every key in order.
-        result: dict[str, Any] = dict.fromkeys(order) if len(batches) > 1 else {}
-        now = time.time()
-        for mount, nks, records in batches:
+        result: dict[str, Any] = dict.fromkeys(order) if len(groups) > 1 else {}
+        for mount, (nks, rels) in groups.items():
+            try:
+                data = await mount.driver.get_values(rels)
+            except Exception as exc:
+                _raise_driver_error(mount, exc)
             loads = mount.loads
             try:
-                values = [
-                    None
-                    if record is None
-                    or (record.expires_at is not None and record.expires_at <= now)
-                    else loads(record.value)
-                    for record in records
-                ]
+                values = [None if value is None else loads(value) for value in data]
             except DECODE_ERRORS as exc:
                 raise _decode_failure(mount, exc) from None
             result.update(zip(nks, values, strict=True))

@@ -262,6 +262,29 @@ async def test_get_items_in_input_order(storage: Storage) -> None:
     assert await storage.get_items([]) == {}
 
 
+async def test_get_values_are_the_values_of_get_many(make_driver: DriverFactory) -> None:
+    # get_items reads through get_values: the live values of get_many, in order.
+    store = create_storage(make_driver())
+    try:
+        await store.set_items_raw({"a": bytes(range(256)), "b": b"{}"})
+        await store.set_item("short", 1, ttl=timedelta(milliseconds=300))
+        driver = store.get_mount("").driver
+        keys = ["b", "nope", "a", "b", "short"]
+        records = await driver.get_many(keys)
+        assert [None if r is None else r.value for r in records[:4]] == [
+            b"{}", None, bytes(range(256)), b"{}"
+        ]
+        assert await driver.get_values(keys[:4]) == [b"{}", None, bytes(range(256)), b"{}"]
+        assert await driver.get_values([]) == []
+
+        async def short_is_gone() -> bool:
+            return await driver.get_values(["short", "a"]) == [None, bytes(range(256))]
+
+        await eventually(short_is_gone)
+    finally:
+        await store.dispose()
+
+
 async def test_set_items_and_remove_items(storage: Storage) -> None:
     await storage.set_items({f"batch:{i}": {"i": i} for i in range(250)})
     got = await storage.get_items(f"batch:{i}" for i in range(250))
@@ -418,8 +441,8 @@ BAD_CALLS: list[tuple[str, Callable[[Storage], Awaitable[Any]], type[Exception]]
 ]
 
 _DRIVER_METHODS = (
-    "get", "set", "remove", "scan", "head", "get_many", "set_many", "remove_many", "clear",
-    "touch", "sweep", "watch",
+    "get", "set", "remove", "scan", "head", "get_many", "get_values", "set_many",
+    "remove_many", "clear", "touch", "sweep", "watch",
 )  # fmt: skip
 
 

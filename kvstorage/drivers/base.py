@@ -230,6 +230,17 @@ class Driver(ABC):
         """Return the records for ``keys``, in order (default: one :meth:`get` each)."""
         return [await self.get(key) for key in keys]
 
+    async def get_values(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Return the stored bytes of ``keys``, in order, None for a missing or expired
+        key: :meth:`get_many` without etags and times, for reads that need only the values
+        (``storage.get_items``). The default takes them from :meth:`get_many`; override it
+        when the backend reads less for values alone."""
+        now = time.time()
+        return [
+            None if record is None or is_expired(record.expires_at, now) else record.value
+            for record in await self.get_many(keys)
+        ]
+
     async def set_many(
         self, items: Sequence[tuple[str, bytes]], *, expires_at: float | None = None
     ) -> None:

@@ -139,6 +139,11 @@ class SQLiteDriver(Driver):
             f"SELECT {t}.value, CAST(version AS TEXT), mtime, expiry FROM json_each(?1) AS k "
             f"LEFT JOIN {t} ON {t}.key = k.value AND (expiry IS NULL OR expiry > ?2)"
         )
+        # The same without etag and times (a third less work per row): for get_values.
+        self._sql_get_values = (
+            f"SELECT {t}.value FROM json_each(?1) AS k "
+            f"LEFT JOIN {t} ON {t}.key = k.value AND (expiry IS NULL OR expiry > ?2)"
+        )
         self._sql_head = (
             f"SELECT length(value), version, mtime, expiry FROM {t} WHERE key = ? AND {_LIVE}"
         )
@@ -392,15 +397,21 @@ class SQLiteDriver(Driver):
     # -- batches ------------------------------------------------------------------------
 
     async def get_many(self, keys: Sequence[str]) -> list[Record | None]:
-        if not keys:
-            return []
+        rows = await self._rows_in_order(self._sql_get_many, keys) if keys else ()
+        return [None if row[0] is None else Record(*row) for row in rows]
+
+    async def get_values(self, keys: Sequence[str]) -> list[bytes | None]:
+        rows = await self._rows_in_order(self._sql_get_values, keys) if keys else ()
+        return [row[0] for row in rows]
+
+    async def _rows_in_order(self, sql: str, keys: Sequence[str]) -> Iterable[Any]:
+        """The rows of a ``json_each`` query (``sql``): one per key, in the keys' order."""
         db = self._idle() or await self._connection()
-        rows: Iterable[Any] = await db.execute_fetchall(
+        return await db.execute_fetchall(
             # Text, not bytes: from SQLite 3.45 a BLOB argument may be read as binary JSONB.
-            self._sql_get_many,
+            sql,
             (_json(keys if type(keys) is list else list(keys)).decode(), time.time()),
         )
-        return [None if row[0] is None else Record(*row) for row in rows]
 
     async def set_many(
         self, items: Sequence[tuple[str, bytes]], *, expires_at: float | None = None
