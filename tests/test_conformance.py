@@ -272,7 +272,10 @@ async def test_get_values_are_the_values_of_get_many(make_driver: DriverFactory)
         keys = ["b", "nope", "a", "b", "short"]
         records = await driver.get_many(keys)
         assert [None if r is None else r.value for r in records[:4]] == [
-            b"{}", None, bytes(range(256)), b"{}"
+            b"{}",
+            None,
+            bytes(range(256)),
+            b"{}",
         ]
         assert await driver.get_values(keys[:4]) == [b"{}", None, bytes(range(256)), b"{}"]
         assert await driver.get_values([]) == []
