@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import AsyncGenerator
 
 import pytest
 import zstandard
 
 from kvstorage import DriverError, create_storage
 from kvstorage.drivers import MemoryDriver
-from kvstorage.wrappers import CompressedDriver
+from kvstorage.wrappers import CompressedDriver, WrapperDriver
 
 pytestmark = pytest.mark.anyio
 
@@ -140,3 +141,21 @@ async def test_a_corrupt_frame_is_a_clear_error() -> None:
 def test_bad_options_fail_at_construction(options: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         CompressedDriver(MemoryDriver(), **options)  # type: ignore[arg-type]
+
+
+async def test_a_wrapper_lists_through_the_inner_pages_unless_it_changes_scan() -> None:
+    inner = MemoryDriver()
+    assert vars(CompressedDriver(inner))["scan_pages"] == inner.scan_pages
+
+    class Hiding(WrapperDriver):
+        async def scan(
+            self, base: str = "", *, max_depth: int | None = None
+        ) -> AsyncGenerator[str, None]:
+            async for key in self.inner.scan(base, max_depth=max_depth):
+                if not key.startswith("secret"):
+                    yield key
+
+    store = create_storage(Hiding(MemoryDriver()))
+    await store.set_items({"secret:a": 1, "public:b": 2})
+    assert await store.get_keys() == ["public:b"]
+    assert [key async for key in store.iter_keys()] == ["public:b"]

@@ -42,6 +42,10 @@ class WrapperDriver(Driver):
         self.capabilities = inner.capabilities
         self.read_only = inner.read_only
         self.forward(name for name in FORWARDED if _not_overridden(type(self), name))
+        if _not_overridden(type(self), "scan") and _not_overridden(type(self), "scan_pages"):
+            # Listing is then the inner driver's own, a page at a time (the core lists
+            # through scan_pages; the default would page the forwarded scan key by key).
+            self.forward(["scan_pages"])
 
     def forward(self, names: Iterable[str]) -> None:
         """Make the operations ``names`` on this instance the inner driver's own bound
