@@ -16,7 +16,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import Any, Literal, NoReturn, Self, TypeAlias
+from typing import Any, Literal, NoReturn, Self, TypeAlias, TypeVar
 
 import anyio
 import anyio.abc
@@ -54,6 +54,8 @@ from .serializers import (
 __all__ = ["Entry", "Meta", "Mount", "Storage", "WatchCallback", "create_storage", "prefix_storage"]
 
 logger = logging.getLogger("kvstorage")
+
+_T = TypeVar("_T")
 
 #: ``callback(event, key)`` with ``event`` ``"update"`` or ``"remove"`` and the full key.
 WatchCallback: TypeAlias = Callable[[Literal["update", "remove"], str], None]
@@ -549,14 +551,10 @@ class Storage:
         """Return ``{normalized key: value or None}`` in input order, one driver batch per
         mount."""
         order = list(map(normalize_key, _key_list(keys)))
-        groups = self._shared.mounts.group(order, self._prefix)
+        batches = await self._read_per_mount(order, lambda driver: driver.get_values)
         # Several mounts fill the result out of order: it starts with every key in order.
-        result: dict[str, Any] = dict.fromkeys(order) if len(groups) > 1 else {}
-        for mount, (nks, rels) in groups.items():
-            try:
-                data = await mount.driver.get_values(rels)
-            except Exception as exc:
-                _raise_driver_error(mount, exc)
+        result: dict[str, Any] = dict.fromkeys(order) if len(batches) > 1 else {}
+        for mount, nks, data in batches:
             loads = mount.loads
             try:
                 values = [None if value is None else loads(value) for value in data]
@@ -572,24 +570,25 @@ class Storage:
         dumps, servers), keeping each remaining TTL."""
         order = [normalize_key(key) for key in _key_list(keys)]
         result: dict[str, Entry | None] = dict.fromkeys(order)
-        for _, nks, records in await self._get_many(order):
+        for _, nks, records in await self._read_per_mount(order, lambda driver: driver.get_many):
             now = time.time()
             for nk, record in zip(nks, records, strict=True):
                 if record is not None and not is_expired(record.expires_at, now):
                     result[nk] = _entry(record.value, record)
         return result
 
-    async def _get_many(
-        self, order: list[str]
-    ) -> list[tuple[MountPoint, list[str], list[Record | None]]]:
-        """One driver ``get_many`` per mount: (mount, normalized keys, records)."""
+    async def _read_per_mount(
+        self, order: list[str], read: Callable[[Driver], Callable[[list[str]], Awaitable[list[_T]]]]
+    ) -> list[tuple[MountPoint, list[str], list[_T]]]:
+        """One batch read per mount, ``read(driver)(driver keys)`` (its ``get_many`` or
+        ``get_values``): (mount, normalized keys, what it returned)."""
         batches = []
         for mount, (nks, rels) in self._shared.mounts.group(order, self._prefix).items():
             try:
-                records = await mount.driver.get_many(rels)
+                found = await read(mount.driver)(rels)
             except Exception as exc:
                 _raise_driver_error(mount, exc)
-            batches.append((mount, nks, records))
+            batches.append((mount, nks, found))
         return batches
 
     async def set_items(

@@ -16,6 +16,18 @@ __all__ = ["MemoryDriver"]
 _versions = itertools.count(1)  # etags are hex(next(_versions)): cheaper than str()
 
 
+def _dict_store(data: dict[str, Record]) -> Callable[[str, bytes, float | None], str]:
+    """A function storing a new record straight into ``data`` (an unbounded driver's: never
+    replaced, clear() empties it) and returning its etag: the memory hot path."""
+
+    def store(key: str, value: bytes, expires_at: float | None) -> str:
+        etag = hex(next(_versions))
+        data[key] = Record(value, etag, time.time(), expires_at)
+        return etag
+
+    return store
+
+
 class MemoryDriver(Driver):
     """Keeps every value in a dict of this process; nothing survives a restart.
 
@@ -41,6 +53,10 @@ class MemoryDriver(Driver):
             self._data if isinstance(self._data, OrderedDict) else None
         )
         self._max_entries = max_entries
+        # Stores a new record, returns its etag (and is what synchronous_set offers).
+        self._store: Callable[[str, bytes, float | None], str] = (
+            _dict_store(self._data) if self._lru is None else self._evicting_store
+        )
 
     @classmethod
     def from_url(cls, url: str) -> MemoryDriver:
@@ -92,26 +108,11 @@ class MemoryDriver(Driver):
 
     def synchronous_set(self) -> Callable[[str, bytes, float | None], str] | None:
         # A subclass that overrides set is awaited as usual.
-        if type(self).set is not MemoryDriver.set:
-            return None
-        if self._lru is not None:
-            return self._store
-        data = self._data  # never replaced: clear() empties it
+        return self._store if type(self).set is MemoryDriver.set else None
 
-        def store(key: str, value: bytes, expires_at: float | None) -> str:
-            etag = hex(next(_versions))
-            data[key] = Record(value, etag, time.time(), expires_at)
-            return etag
-
-        return store
-
-    def _store(self, key: str, value: bytes, expires_at: float | None) -> str:
+    def _evicting_store(self, key: str, value: bytes, expires_at: float | None) -> str:
         etag = hex(next(_versions))
-        record = Record(value, etag, time.time(), expires_at)
-        if self._lru is None:  # the hot path, inlined
-            self._data[key] = record
-        else:
-            self.put(key, record)
+        self.put(key, Record(value, etag, time.time(), expires_at))
         return etag
 
     # -- for caches: records kept as another driver reported them ------------------------

@@ -135,15 +135,13 @@ class SQLiteDriver(Driver):
         # One row per key, in the order of the keys: json_each is the outer loop of the
         # LEFT JOIN (SQLite never reorders outer joins), and walks its array in order.
         # Unlike an IN (...) list, it needs no temporary index and has no length limit.
-        self._sql_get_many = (
-            f"SELECT {t}.value, CAST(version AS TEXT), mtime, expiry FROM json_each(?1) AS k "
+        in_order = (
+            f"FROM json_each(?1) AS k "
             f"LEFT JOIN {t} ON {t}.key = k.value AND (expiry IS NULL OR expiry > ?2)"
         )
-        # The same without etag and times (a third less work per row): for get_values.
-        self._sql_get_values = (
-            f"SELECT {t}.value FROM json_each(?1) AS k "
-            f"LEFT JOIN {t} ON {t}.key = k.value AND (expiry IS NULL OR expiry > ?2)"
-        )
+        self._sql_get_many = f"SELECT {t}.value, CAST(version AS TEXT), mtime, expiry {in_order}"
+        # Without etag and times, a third less work per row: for get_values.
+        self._sql_get_values = f"SELECT {t}.value {in_order}"
         self._sql_head = (
             f"SELECT length(value), version, mtime, expiry FROM {t} WHERE key = ? AND {_LIVE}"
         )
